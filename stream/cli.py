@@ -1,0 +1,241 @@
+"""The `stream` console script: `stream run` (headless: a source through the model into a sink)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import math
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any, TextIO
+
+from stream import __version__
+from stream.capture import SinkError, SourceError, open_sink, open_source
+from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
+from stream.denoiser import STAGES, ModelError, StreamDenoiser
+from stream.monitor import RollingStats
+
+logger = logging.getLogger(__name__)
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+# (flag, StreamConfig field, type, help); defaults come from StreamConfig itself.
+CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
+    (
+        "--model",
+        "model",
+        str,
+        "hub id, local diffusers folder, single-file checkpoint, `tiny` (built-in, random "
+        "weights, runs on a CPU), `random:sd-turbo` / `random:sd15` (full size, random weights, "
+        "for speed), or "
+        "`auto` (stabilityai/sd-turbo when cached or downloadable, else tiny with a warning)",
+    ),
+    (
+        "--vae",
+        "vae",
+        str,
+        "`auto` (the model's own), `tiny` (TAESD-shaped AutoencoderTiny), or a path / hub id",
+    ),
+    ("--prompt", "prompt", str, "text prompt"),
+    ("--negative-prompt", "negative_prompt", str, "negative prompt (used when --guidance > 1)"),
+    ("--width", "width", int, "model width in pixels, a multiple of 8; frames are letterboxed into it"),
+    ("--height", "height", int, "model height in pixels, a multiple of 8"),
+    ("--steps", "steps", int, "denoising steps per frame, 1-5"),
+    ("--strength", "strength", float, "img2img strength in (0, 1]: higher changes the frame more"),
+    ("--guidance", "guidance_scale", float, "classifier-free guidance scale; CFG runs when > 1"),
+    ("--scheduler", "scheduler", str, f"one of {', '.join(SCHEDULERS)}"),
+    ("--seed", "seed", int, "noise seed"),
+    ("--latent-feedback", "latent_feedback", float, "share of the previous output latent blended in, [0, 1)"),
+    ("--noise", "noise", str, f"one of {', '.join(NOISE_MODES)}: fixed noise keeps a still scene still"),
+    (
+        "--similarity-threshold",
+        "similarity_threshold",
+        float,
+        "skip the model and repeat the last output when the input is at least this similar, [0, 1); 0 = off",
+    ),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps"),
+    ("--dtype", "dtype", str, f"one of {', '.join(DTYPES)} (auto: float16 on CUDA, float32 elsewhere)"),
+    ("--attention", "attention", str, f"one of {', '.join(ATTENTION_BACKENDS)}"),
+]
+
+
+class UsageError(Exception):
+    """A bad argument or input: printed as one line, exit status 2."""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = StreamConfig()
+    group = parser.add_argument_group("model and stream settings")
+    for flag, field, kind, text in CONFIG_FLAGS:
+        default = getattr(defaults, field)
+        group.add_argument(
+            flag,
+            dest=field,
+            type=kind,
+            default=default,
+            metavar=kind.__name__.upper(),
+            help=f"{text} (default: {default!r})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> StreamConfig:
+    names = {f.name for f in dataclasses.fields(StreamConfig)}
+    try:
+        return StreamConfig(**{k: v for k, v in vars(args).items() if k in names})
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="stream",
+        description="Real-time streaming video diffusion: restyle live video with a Stable Diffusion model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"stream {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    run = sub.add_parser(
+        "run",
+        help="run a source through the model into a sink, headless",
+        description="Read frames from SOURCE, restyle each with the model, write them to SINK. "
+        "Prints a live line with FPS and latency on stderr. Ctrl-C stops and finalizes the output file. "
+        "Example: stream run --source webcam:0 --sink window --prompt 'an oil painting'",
+    )
+    run.add_argument(
+        "--source",
+        required=True,
+        help="`webcam:N` (camera index N), a video file path, or `synthetic` (a moving test pattern)",
+    )
+    run.add_argument(
+        "--sink", required=True, help="a video file path (.mp4, .mkv, .webm, .mov, .avi) or `window`"
+    )
+    run.add_argument(
+        "--frames",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop after N frames (default: until the source ends, or Ctrl-C)",
+    )
+    run.add_argument(
+        "--fps",
+        type=float,
+        default=24.0,
+        help="frame rate of the synthetic source and of the output file when the source has none",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="log more (model loading, choices made)")
+    run.add_argument("-q", "--quiet", action="store_true", help="no live status line")
+    add_config_arguments(run)
+    run.set_defaults(handler=cmd_run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return int(args.handler(args))
+    except (UsageError, ConfigError, ModelError, SourceError, SinkError) as exc:
+        print(f"stream: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    # 1. check inputs: settings, then the source and sink, then the model (the slow part)
+    config = config_from_args(args)
+    if args.frames is not None and args.frames < 1:
+        raise UsageError(f"--frames must be a positive number of frames, got {args.frames}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise UsageError(f"--fps must be > 0, got {args.fps}")
+    source = open_source(args.source, config.width, config.height, args.fps)
+    sink = None
+    try:
+        fps = float(getattr(source, "fps", 0.0) or args.fps)
+        sink = open_sink(args.sink, fps)
+        # 2. load the model and encode the prompt once
+        denoiser = StreamDenoiser.from_pretrained(config.model, config)  # logs a warning for placeholders
+        # 3. frame loop
+        return _run_loop(source, sink, denoiser, args.frames, None if args.quiet else sys.stderr)
+    finally:
+        if sink is not None:
+            sink.close()
+        source.close()
+
+
+def _run_loop(
+    source: Any, sink: Any, denoiser: StreamDenoiser, limit: int | None, status: TextIO | None
+) -> int:
+    stats = RollingStats()
+    line = _StatusLine(status)
+    start = time.perf_counter()
+    frames = 0
+    interrupted = False
+    try:
+        while limit is None or frames < limit:
+            frame = source.read()
+            if frame is None:
+                break
+            result = denoiser.process(frame)
+            sink.write(result.frame)
+            frames += 1
+            stats.add(result.timings)
+            line.update(frames, stats, denoiser.skipped, getattr(source, "drops", 0))
+            if getattr(sink, "closed_by_user", False):
+                break
+    except KeyboardInterrupt:
+        interrupted = True
+    elapsed = time.perf_counter() - start
+    line.finish(frames, elapsed, stats, denoiser.skipped, getattr(source, "drops", 0), interrupted)
+    return EXIT_INTERRUPTED if interrupted else 0
+
+
+class _StatusLine:
+    """One live line on a terminal (redrawn twice a second), or a plain line every few seconds in a log."""
+
+    def __init__(self, out: TextIO | None) -> None:
+        self.out = out
+        self.tty = bool(out is not None and out.isatty())
+        self.every = 0.5 if self.tty else 5.0
+        self.last = time.perf_counter()
+
+    def update(self, frames: int, stats: RollingStats, skipped: int, drops: int) -> None:
+        now = time.perf_counter()
+        if self.out is None or now - self.last < self.every:
+            return
+        self.last = now
+        text = _describe(frames, stats.fps(), stats, skipped, drops)
+        self.out.write(f"\r{text}\033[K" if self.tty else text + "\n")
+        self.out.flush()
+
+    def finish(
+        self, frames: int, elapsed: float, stats: RollingStats, skipped: int, drops: int, interrupted: bool
+    ) -> None:
+        if self.out is None:
+            return
+        if self.tty:
+            self.out.write("\r\033[K")
+        fps = frames / elapsed if elapsed > 0 else 0.0
+        stages = "  ".join(f"{s} {stats.percentiles(s, (50,))[0]:.1f}" for s in STAGES if s in stats.samples)
+        self.out.write(
+            f"{'interrupted: ' if interrupted else ''}{_describe(frames, fps, stats, skipped, drops)}\n"
+            f"  p50 ms by stage: {stages}\n"
+        )
+        self.out.flush()
+
+
+def _describe(frames: int, fps: float, stats: RollingStats, skipped: int, drops: int) -> str:
+    p50, p95, _ = stats.percentiles("total")
+    return (
+        f"frames {frames}  {fps:.1f} fps  latency p50 {p50:.1f} ms  p95 {p95:.1f} ms  "
+        f"skipped {skipped}  dropped {drops}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

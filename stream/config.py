@@ -1,0 +1,146 @@
+"""One frozen configuration for a stream, validated once; live changes go through `dataclasses.replace`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+SCHEDULERS = ("ddim", "lcm")
+NOISE_MODES = ("fixed", "fresh")
+ATTENTION_BACKENDS = ("sdpa", "xformers")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+MAX_STEPS = 5
+MAX_SIDE = 2048
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range; the message says what was received and what is allowed."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    model: str = (
+        "auto"  # hub id, local diffusers folder, single-file checkpoint, `tiny`, `random:<arch>`, `auto`
+    )
+    vae: str = "auto"  # `auto` = the model's own, `tiny` = TAESD-shaped AutoencoderTiny, or a path/hub id
+    width: int = 512  # model resolution in pixels, multiple of 8; frames are letterboxed into it
+    height: int = 512
+    steps: int = 4  # denoising steps per frame, 1-5
+    strength: float = 0.5  # img2img strength in (0, 1]: how far each frame is noised before denoising
+    guidance_scale: float = 1.0  # classifier-free guidance; on when > 1 (one batched UNet call)
+    scheduler: str = "ddim"  # `ddim` (eta 0) or `lcm`
+    prompt: str = ""
+    negative_prompt: str = ""
+    seed: int = 0
+    latent_feedback: float = 0.0  # share of the previous output latent blended into the new one, in [0, 1)
+    noise: str = (
+        "fixed"  # `fixed`: one noise tensor per stream (stable output); `fresh`: new noise each frame
+    )
+    similarity_threshold: float = 0.0  # skip the model when input similarity >= this; 0 = off
+    device: str = "auto"  # `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`
+    dtype: str = "auto"  # `auto` = float16 on CUDA, float32 elsewhere
+    attention: str = "sdpa"  # `sdpa` (PyTorch scaled-dot-product attention) or `xformers`
+
+    def __post_init__(self) -> None:
+        # 1. strings that name something
+        _require(
+            isinstance(self.model, str) and self.model.strip() != "",
+            "model",
+            self.model,
+            "a hub id, a local folder or file, `tiny`, `random:sd-turbo`, `random:sd15` or `auto`",
+        )
+        _require(
+            isinstance(self.vae, str) and self.vae.strip() != "",
+            "vae",
+            self.vae,
+            "`auto`, `tiny`, or a path / hub id of an autoencoder",
+        )
+        _choice("scheduler", self.scheduler, SCHEDULERS)
+        _choice("noise", self.noise, NOISE_MODES)
+        _choice("attention", self.attention, ATTENTION_BACKENDS)
+        _choice("dtype", self.dtype, DTYPES)
+        _require(isinstance(self.prompt, str), "prompt", self.prompt, "a string")
+        _require(isinstance(self.negative_prompt, str), "negative_prompt", self.negative_prompt, "a string")
+        _require(_is_device(self.device), "device", self.device, "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`")
+        # 2. sizes and counts
+        for name in ("width", "height"):
+            value = getattr(self, name)
+            _require(
+                _is_int(value) and 64 <= value <= MAX_SIDE and value % 8 == 0,
+                name,
+                value,
+                f"a multiple of 8 from 64 to {MAX_SIDE}",
+            )
+        _require(
+            _is_int(self.steps) and 1 <= self.steps <= MAX_STEPS,
+            "steps",
+            self.steps,
+            f"an integer from 1 to {MAX_STEPS}",
+        )
+        _require(
+            _is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer from 0 to 2**63 - 1"
+        )
+        # 3. real-valued knobs
+        _require(
+            _is_real(self.strength) and 0.0 < self.strength <= 1.0, "strength", self.strength, "in (0, 1]"
+        )
+        _require(
+            _is_real(self.guidance_scale) and 0.0 <= self.guidance_scale <= 30.0,
+            "guidance_scale",
+            self.guidance_scale,
+            "in [0, 30] (CFG is on when > 1)",
+        )
+        _require(
+            _is_real(self.latent_feedback) and 0.0 <= self.latent_feedback < 1.0,
+            "latent_feedback",
+            self.latent_feedback,
+            "in [0, 1)",
+        )
+        _require(
+            _is_real(self.similarity_threshold) and 0.0 <= self.similarity_threshold < 1.0,
+            "similarity_threshold",
+            self.similarity_threshold,
+            "in [0, 1) (0 turns the filter off)",
+        )
+
+    @property
+    def cfg(self) -> bool:
+        """Whether classifier-free guidance runs (an uncond + cond batch in one UNet call)."""
+        return self.guidance_scale > 1.0
+
+    def replace(self, **changes: object) -> StreamConfig:
+        """A validated copy with `changes` applied; unknown names are refused."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ConfigError(
+                f"unknown setting(s) {', '.join(unknown)}; known settings: {', '.join(sorted(known))}"
+            )
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+
+def _require(ok: bool, name: str, value: object, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:
+    _require(value in allowed, name, value, "one of " + ", ".join(allowed))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _is_device(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    if value in ("auto", "cpu", "cuda", "mps"):
+        return True
+    prefix, _, index = value.partition(":")
+    return prefix == "cuda" and index.isdigit()

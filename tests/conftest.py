@@ -1,0 +1,42 @@
+"""Shared fixtures: a private model cache per test session, the built-in tiny model, photo clips."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Generated models go to a fresh folder per test session, never the user's cache.
+if "STREAM_CACHE" not in os.environ:
+    os.environ["STREAM_CACHE"] = tempfile.mkdtemp(prefix="stream-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["STREAM_CACHE"], ignore_errors=True)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir() -> Path:
+    from stream.denoiser import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+def photo(name: str = "coffee") -> np.ndarray:
+    """A real photo from scikit-image's data, HxWx3 uint8 RGB."""
+    from skimage import data
+
+    image = getattr(data, name)()
+    assert image.ndim == 3 and image.dtype == np.uint8
+    return np.ascontiguousarray(image[:, :, :3])
+
+
+def pan_clip(frames: int, size: tuple[int, int], step: int = 4, name: str = "coffee") -> list[np.ndarray]:
+    """A clip with known motion: a (h, w) window panning right over a real photo by `step` px per frame."""
+    image = photo(name)
+    h, w = size
+    assert w + step * frames <= image.shape[1] and h <= image.shape[0]
+    return [np.ascontiguousarray(image[:h, i * step : i * step + w]) for i in range(frames)]

@@ -1,0 +1,189 @@
+"""`stream run` end to end, and every bad input answered with one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from stream.capture import VideoFileSink
+from stream.cli import main
+from tests.conftest import pan_clip
+
+SMALL = ["--model", "tiny", "--width", "128", "--height", "128", "--steps", "2", "--prompt", "a cat", "-q"]
+
+
+def read_video(path: Path) -> list[np.ndarray]:
+    with av.open(str(path)) as container:
+        return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+
+
+def test_run_synthetic_to_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "out.mp4"
+    assert (
+        main(
+            ["run", "--source", "synthetic", "--sink", str(out), "--frames", "12", "--guidance", "2", *SMALL]
+        )
+        == 0
+    )
+    frames = read_video(out)
+    assert len(frames) == 12 and frames[0].shape == (128, 128, 3)
+
+
+def test_run_clip_with_known_motion(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    clip = tmp_path / "pan.mp4"
+    sink = VideoFileSink(clip, fps=24)
+    for frame in pan_clip(15, (120, 160), step=5):  # a 160x120 window panning over a real photo
+        sink.write(frame)
+    sink.close()
+    out = tmp_path / "styled.mkv"
+    code = main(["run", "--source", str(clip), "--sink", str(out), *SMALL[:-1], "--latent-feedback", "0.3"])
+    assert code == 0
+    frames = read_video(out)
+    assert len(frames) == 15 and frames[0].shape == (120, 160, 3)  # the input's own size, not the model's
+    assert not np.array_equal(frames[0], frames[-1])  # the input moves, so does the output
+    status = capsys.readouterr().err
+    assert "frames 15" in status and "fps" in status and "denoise" in status
+
+
+def test_frames_limit_on_a_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    clip = tmp_path / "pan.mp4"
+    sink = VideoFileSink(clip, fps=24)
+    for frame in pan_clip(10, (128, 128)):
+        sink.write(frame)
+    sink.close()
+    out = tmp_path / "first4.mp4"
+    assert main(["run", "--source", str(clip), "--sink", str(out), "--frames", "4", *SMALL]) == 0
+    assert len(read_video(out)) == 4
+
+
+BAD_ARGS = [
+    (["--steps", "9"], "steps must be an integer from 1 to 5, got 9"),
+    (["--strength", "1.5"], "strength must be in (0, 1], got 1.5"),
+    (["--width", "100"], "width must be a multiple of 8"),
+    (["--guidance", "-2"], "guidance_scale must be in [0, 30]"),
+    (["--latent-feedback", "1"], "latent_feedback must be in [0, 1)"),
+    (["--scheduler", "euler"], "scheduler must be one of ddim, lcm"),
+    (["--noise", "pink"], "noise must be one of fixed, fresh"),
+    (["--similarity-threshold", "2"], "similarity_threshold must be in [0, 1)"),
+    (["--device", "gpu0"], "device must be"),
+    (["--dtype", "int8"], "dtype must be one of"),
+    (["--attention", "flash"], "attention must be one of sdpa, xformers"),
+    (["--seed", "-3"], "seed must be an integer"),
+    (["--frames", "0"], "--frames must be a positive number"),
+    (["--fps", "0"], "--fps must be > 0"),
+    (["--model", "/nonexistent/model"], "model path '/nonexistent/model' does not exist"),
+    (["--model", "random:sd3"], "unknown random architecture"),
+    (["--width", "136"], "multiples of 16"),
+]
+
+
+@pytest.mark.parametrize("extra,words", BAD_ARGS)
+def test_bad_settings(extra: list[str], words: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    args = ["run", "--source", "synthetic", "--sink", str(tmp_path / "o.mp4"), *SMALL, *extra]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("stream: error: ") and words in err[-1]
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_bad_sources_and_sinks(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    text = tmp_path / "notes.mp4"
+    text.write_text("this is not a video")
+    cases = [
+        (["--source", "webcam:7"], "webcam:7 could not be opened"),
+        (["--source", "webcam:x"], "webcam:N"),
+        (["--source", str(tmp_path / "missing.mp4")], "does not exist"),
+        (["--source", str(text)], "cannot read"),
+        (["--source", str(tmp_path)], "directory"),
+        (["--source", "camera"], "unknown source"),
+        (["--sink", "out.gif"], "unknown sink"),
+        (["--sink", str(tmp_path / "no" / "dir" / "o.mp4")], "does not exist"),
+    ]
+    for extra, words in cases:
+        args = ["run", "--source", "synthetic", "--sink", str(tmp_path / "o.mp4"), *SMALL, *extra]
+        assert main(args) == 2, extra
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith("stream: error: ") and words in line, (extra, line)
+
+
+def console(*args: str, **kwargs: object) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "stream.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        **kwargs,
+    )  # type: ignore[call-overload]
+
+
+def test_console_errors_have_no_traceback(tmp_path: Path) -> None:
+    proc = console("run", "--source", "webcam:5", "--sink", str(tmp_path / "o.mp4"))
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [err.strip().splitlines()[-1]] and "webcam:5" in err
+    proc = console("run", "--source", "synthetic")
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 2 and "--sink" in err and "Traceback" not in err
+
+
+def test_help_explains_the_options() -> None:
+    proc = console("run", "--help")
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    for words in (
+        "--source",
+        "webcam:N",
+        "--sink",
+        "--strength",
+        "--guidance",
+        "--frames",
+        "random:sd-turbo",
+    ):
+        assert words in out
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT delivery differs on Windows")
+def test_ctrl_c_finalizes_the_output(tmp_path: Path, tiny_model_dir: Path) -> None:
+    out = tmp_path / "interrupted.mp4"
+    proc = console(
+        "run",
+        "--source",
+        "synthetic",
+        "--sink",
+        str(out),
+        "--model",
+        "tiny",
+        "--width",
+        "128",
+        "--height",
+        "128",
+        "--steps",
+        "1",
+    )
+    deadline = time.monotonic() + 120
+    seen = ""
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:  # wait for the first status line: frames are flowing
+        line = proc.stderr.readline()
+        seen += line
+        if line.startswith("frames ") or not line:
+            break
+    assert "frames " in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "interrupted" in err and "Traceback" not in err
+    frames = read_video(out)
+    assert len(frames) >= 5 and frames[0].shape == (128, 128, 3)
