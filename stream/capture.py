@@ -97,6 +97,11 @@ class LatestFrameSlot(Generic[T]):
         return self._closed
 
     @property
+    def ready(self) -> bool:
+        """Whether an unread item is waiting."""
+        return self._has_item
+
+    @property
     def drops(self) -> int:
         """Items that were overwritten before anyone read them."""
         return self._drops
@@ -616,3 +621,12 @@ def open_sink(spec: str, fps: float = 24.0) -> FrameSink:
     if Path(text).suffix.lower() in SINK_SUFFIXES:
         return VideoFileSink(text, fps)
     raise SinkError(f"unknown sink '{spec}': use {SINK_FORMS}")
+
+
+def write_y4m(path: Path, frames: list[np.ndarray], fps: int = 24) -> None:
+    """Write RGB frames as a YUV4MPEG2 clip (what Chromium's fake camera reads), even sizes only."""
+    h, w = frames[0].shape[:2]
+    with path.open("wb") as out:
+        out.write(f"YUV4MPEG2 W{w} H{h} F{fps}:1 Ip A1:1 C420jpeg\n".encode())
+        for frame in frames:
+            out.write(b"FRAME\n" + cv2.cvtColor(frame, cv2.COLOR_RGB2YUV_I420).tobytes())

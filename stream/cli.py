@@ -1,4 +1,4 @@
-"""The `stream` console script: `stream run` (headless: a source through the model into a sink)."""
+"""The `stream` console script: `stream serve` (the browser app) and `stream run` (headless)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from typing import Any, TextIO
 from stream import __version__
 from stream.capture import SinkError, SourceError, open_sink, open_source
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
-from stream.denoiser import STAGES, ModelError, StreamDenoiser
+from stream.denoiser import STAGES, ModelError, StreamDenoiser, load_model
 from stream.monitor import RollingStats
 
 logger = logging.getLogger(__name__)
@@ -97,6 +97,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"stream {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    serve = sub.add_parser(
+        "serve",
+        help="serve the browser app: webcam in, restyled video out, over WebRTC",
+        description="Serve the web app on http://HOST:PORT/. Open it in a browser, allow the camera, press "
+        "Start. Each browser tab is a session with its own settings; one worker thread runs the model. "
+        "Example: stream serve --model stabilityai/sd-turbo --prompt 'a watercolor painting'",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)"
+    )
+    serve.add_argument("--port", type=int, default=8080, help="port to listen on")
+    serve.add_argument(
+        "--max-sessions", type=int, default=4, help="sessions at once; the next offer gets 503"
+    )
+    serve.add_argument(
+        "--ice-server",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="STUN/TURN server, repeatable: stun:host:port or turn:user:pass@host:port "
+        "(default: none, enough on a LAN or one machine)",
+    )
+    serve.add_argument(
+        "--token",
+        default=None,
+        help="require 'Authorization: Bearer TOKEN' on /offer and /stats (open the page as /?token=TOKEN)",
+    )
+    serve.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=30.0,
+        help="close a session after this many seconds without video",
+    )
+    serve.add_argument("-v", "--verbose", action="store_true", help="log more (sessions, model loading)")
+    add_config_arguments(serve)
+    serve.set_defaults(handler=cmd_serve)
     run = sub.add_parser(
         "run",
         help="run a source through the model into a sink, headless",
@@ -166,6 +202,56 @@ def cmd_run(args: argparse.Namespace) -> int:
         if sink is not None:
             sink.close()
         source.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from aiohttp import web
+
+    from stream.server import StreamServer, parse_ice_server
+
+    # 1. check inputs before the slow model load
+    config = config_from_args(args)
+    if args.max_sessions < 1:
+        raise UsageError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port must be from 1 to 65535, got {args.port}")
+    if not (math.isfinite(args.idle_timeout) and args.idle_timeout > 0):
+        raise UsageError(f"--idle-timeout must be > 0 seconds, got {args.idle_timeout}")
+    if args.token is not None and not args.token.strip():
+        raise UsageError("--token must not be empty")
+    for url in args.ice_server:
+        parse_ice_server(url)
+    # 2. load the model once; each session gets its own StreamDenoiser over the shared components
+    print(f"stream: loading model {config.model} ...", file=sys.stderr, flush=True)
+    components = load_model(config)
+    StreamDenoiser(components, config)(_warmup_frame(config))  # fail fast on bad sizes; warm up
+
+    def factory(session_config: StreamConfig) -> StreamDenoiser:
+        return StreamDenoiser(components, session_config)
+
+    server = StreamServer(
+        config,
+        factory,
+        model_name=components.name,
+        placeholder=components.placeholder,
+        max_sessions=args.max_sessions,
+        token=args.token,
+        ice_servers=args.ice_server,
+        idle_timeout=args.idle_timeout,
+    )
+    url = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
+    print(f"stream: serving {components.name} on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        web.run_app(server.app(), host=args.host, port=args.port, print=None)
+    except OSError as exc:
+        raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    return 0
+
+
+def _warmup_frame(config: StreamConfig) -> Any:
+    import numpy as np
+
+    return np.zeros((config.height, config.width, 3), dtype=np.uint8)
 
 
 def _run_loop(

@@ -123,14 +123,7 @@ class StreamDenoiser:
         """Load `model` (hub id, local folder, single file, `tiny`, `random:<arch>`, `auto`) for `config`."""
         if config.model != model:
             config = config.replace(model=model)
-        device = resolve_device(config.device)
-        dtype = resolve_dtype(config.dtype, device)
-        components = load_components(model, device, dtype)
-        components.vae = load_vae(config.vae, components, device, dtype)
-        logger.info("loaded %s on %s (%s)", components.name, device, str(dtype).removeprefix("torch."))
-        if components.placeholder:
-            logger.warning("running the %s", PLACEHOLDER_NOTE)
-        return cls(components, config)
+        return cls(load_model(config), config)
 
     # ------------------------------------------------------------------ live settings
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
@@ -537,6 +530,21 @@ def _alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- model loading
+def load_model(config: StreamConfig) -> Components:
+    """The components for config.model and config.vae, on the config's device and dtype.
+
+    One set can serve several StreamDenoisers (one per stream), each with its own settings and state.
+    """
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    components = load_components(config.model, device, dtype)
+    components.vae = load_vae(config.vae, components, device, dtype)
+    logger.info("loaded %s on %s (%s)", components.name, device, str(dtype).removeprefix("torch."))
+    if components.placeholder:
+        logger.warning("running the %s", PLACEHOLDER_NOTE)
+    return components
+
+
 def load_components(model: str, device: torch.device, dtype: torch.dtype) -> Components:
     """Resolve `model` to components: tiny, random:<arch>, auto, a local folder/file, or a hub id."""
     _quiet_libraries()

@@ -187,3 +187,46 @@ def test_ctrl_c_finalizes_the_output(tmp_path: Path, tiny_model_dir: Path) -> No
     assert "interrupted" in err and "Traceback" not in err
     frames = read_video(out)
     assert len(frames) >= 5 and frames[0].shape == (128, 128, 3)
+
+
+@pytest.mark.parametrize("extra,words", [
+    (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+    (["--port", "70000"], "--port must be from 1 to 65535"),
+    (["--idle-timeout", "0"], "--idle-timeout must be > 0"),
+    (["--token", " "], "--token must not be empty"),
+    (["--ice-server", "http://example"], "ice server must look like"),
+    (["--strength", "3"], "strength must be in (0, 1]"),
+])
+def test_serve_bad_arguments(extra: list[str], words: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", "--model", "tiny", *extra]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("stream: error: ") and words in line
+
+
+def test_serve_starts_answers_health_and_stops(tiny_model_dir: Path) -> None:
+    import json
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = console("serve", "--model", "tiny", "--width", "128", "--height", "128", "--port", str(port))
+    try:
+        deadline = time.monotonic() + 120
+        health = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                    health = json.load(r)
+                    break
+            except OSError:
+                time.sleep(0.3)
+        assert health is not None, proc.stderr.read() if proc.stderr else ""
+        assert health["status"] == "ok" and health["placeholder"] is True and health["sessions"] == 0
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5) as r:
+            assert b"<html" in r.read().lower()
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    assert "Traceback" not in err and f"127.0.0.1:{port}" in err

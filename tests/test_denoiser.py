@@ -233,8 +233,13 @@ def test_saved_pipeline_folder_loads_through_from_pretrained(tmp_path: Path, tin
     loaded = StreamDenoiser.from_pretrained(str(folder), tiny_config())
     assert loaded.name == str(folder) and not loaded.placeholder
     frame = square_photo()
-    # The built-in `tiny` is the same seeded pipeline loaded through the same path: identical output.
-    np.testing.assert_array_equal(loaded(frame), StreamDenoiser.from_pretrained("tiny", tiny_config())(frame))
+    # The built-in `tiny` is the same seeded pipeline loaded through the same path: the same weights, and the
+    # same output (up to rounding: each denoiser times its CPU convolution backend and may pick another one).
+    builtin = StreamDenoiser.from_pretrained("tiny", tiny_config())
+    for name, value in builtin.unet.state_dict().items():
+        assert torch.equal(value, loaded.unet.state_dict()[name]), name
+    diff = np.abs(loaded(frame).astype(np.int16) - builtin(frame).astype(np.int16))
+    assert diff.max() <= 1
     assert tiny.placeholder and "tiny" in tiny.name
 
 

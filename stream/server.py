@@ -1,0 +1,555 @@
+"""`stream serve`: the browser app over WebRTC. The only module with asyncio.
+
+Frame path (DESIGN.md "Decisions"): each session's incoming video is drained into a latest-only slot;
+one worker thread owns the model and processes the newest frame of each session in turn; the
+outgoing track waits for a new processed frame and carries the input's timestamp, strictly
+increasing. The event loop only moves frames and messages; it never runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Protocol
+
+import av
+import numpy as np
+from aiohttp import web
+from aiortc import (
+    MediaStreamTrack,
+    RTCConfiguration,
+    RTCDataChannel,
+    RTCIceServer,
+    RTCPeerConnection,
+    RTCSessionDescription,
+)
+from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
+
+from stream.capture import LatestFrameSlot
+from stream.config import ConfigError, StreamConfig
+from stream.denoiser import STAGES, FrameResult
+from stream.monitor import RollingStats
+
+logger = logging.getLogger(__name__)
+
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+MAX_BODY = 64 * 1024
+TELEMETRY_INTERVAL = 0.33  # seconds: about 3 messages a second
+# What the page may change live, with the names it uses; anything else is refused.
+LIVE_SETTINGS = (
+    "prompt",
+    "negative_prompt",
+    "strength",
+    "guidance_scale",
+    "steps",
+    "seed",
+    "latent_feedback",
+)
+
+
+class Denoiser(Protocol):
+    """What the worker needs of a per-session denoiser (StreamDenoiser, or a stand-in in tests)."""
+
+    skipped: int
+
+    def process(self, frame: np.ndarray) -> FrameResult: ...
+
+    def update(self, config: StreamConfig) -> None: ...
+
+
+DenoiserFactory = Callable[[StreamConfig], Denoiser]
+
+
+@dataclasses.dataclass
+class Processed:
+    frame: np.ndarray  # HxWx3 uint8 RGB
+    pts: int
+    time_base: Fraction
+
+
+class Session:
+    """One peer: its settings, temporal state (inside its denoiser), slots, tracks and stats."""
+
+    def __init__(self, session_id: str, pc: RTCPeerConnection, config: StreamConfig) -> None:
+        self.id = session_id
+        self.pc = pc
+        self.config = config  # validated; the worker applies it before the next frame
+        self.applied: StreamConfig | None = None  # what the worker's denoiser runs with
+        self.denoiser: Denoiser | None = None  # created and used only by the worker thread
+        self.inputs: LatestFrameSlot[av.VideoFrame] = LatestFrameSlot()
+        self.output: Processed | None = None
+        self.output_ready = asyncio.Event()
+        self.stats = RollingStats()
+        self.stats_in = RollingStats()
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.control: RTCDataChannel | None = None
+        self.telemetry: RTCDataChannel | None = None
+        self.last_input = time.monotonic()
+        self.created = time.monotonic()
+        self.closed = False
+        self.error: str | None = None
+        self.skipped = 0
+        self.last_pts = -1
+
+    def deliver(self, processed: Processed, timings: dict[str, float], skipped: int) -> None:
+        """Called on the event loop by the worker: newest processed frame wins."""
+        if self.closed:
+            return
+        self.output = processed
+        self.stats.add(timings)
+        self.skipped = skipped
+        self.output_ready.set()
+
+    def snapshot(self) -> dict[str, Any]:
+        latency = {}
+        for stage in ("total", *STAGES):
+            p50, p95, p99 = self.stats.percentiles(stage)
+            latency[stage] = {"p50": _num(p50), "p95": _num(p95), "p99": _num(p99)}
+        return {
+            "session": self.id,
+            "frames": self.stats.count,
+            "frames_in": self.stats_in.count,
+            "fps_in": round(self.stats_in.fps(), 2),
+            "fps_out": round(self.stats.fps(), 2),
+            "drops": self.inputs.drops,
+            "skipped": self.skipped,
+            "latency_ms": latency,
+            "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
+        }
+
+
+def _num(value: float) -> float | None:
+    return None if value != value else round(value, 2)  # NaN (no samples yet) -> null
+
+
+class ModelWorker:
+    """The one thread that owns the model: the newest frame of each session, round robin."""
+
+    def __init__(self, factory: DenoiserFactory, loop: asyncio.AbstractEventLoop) -> None:
+        self.factory = factory
+        self.loop = loop
+        self.sessions: dict[str, Session] = {}
+        self.lock = threading.Lock()
+        self.wake = threading.Event()
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="stream-model", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self.wake.set()
+        self.thread.join(timeout=10)
+
+    def add(self, session: Session) -> None:
+        with self.lock:
+            self.sessions[session.id] = session
+        self.wake.set()
+
+    def remove(self, session: Session) -> None:
+        with self.lock:
+            self.sessions.pop(session.id, None)
+        self.wake.set()
+
+    def notify(self) -> None:
+        self.wake.set()
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self.wake.wait(timeout=0.5)
+            self.wake.clear()
+            with self.lock:
+                sessions = list(self.sessions.values())
+            for session in sessions:
+                if self.stopping:
+                    break
+                frame = session.inputs.get(timeout=0)
+                if frame is not None and not session.closed:
+                    self._process(session, frame)
+            # A frame that arrived during the pass is picked up at once, not after the next wake.
+            if any(s.inputs.ready for s in sessions if not s.closed):
+                self.wake.set()
+        with self.lock:
+            for session in self.sessions.values():
+                session.denoiser = None
+
+    def _process(self, session: Session, frame: av.VideoFrame) -> None:
+        try:
+            config = session.config
+            if session.denoiser is None:
+                session.denoiser = self.factory(config)
+            elif config is not session.applied:
+                session.denoiser.update(config)
+            session.applied = config
+            waited = (time.monotonic() - session.last_input) * 1000.0
+            result = session.denoiser.process(frame.to_ndarray(format="rgb24"))
+        except Exception as exc:  # a bad frame or setting must not take the worker down
+            logger.exception("session %s: processing failed", session.id)
+            session.error = str(exc)
+            return
+        timings = {**result.timings, "wait": max(0.0, waited)}
+        processed = Processed(result.frame, int(frame.pts or 0), frame.time_base or Fraction(1, 90000))
+        skipped = session.denoiser.skipped
+        self.loop.call_soon_threadsafe(session.deliver, processed, timings, skipped)
+
+
+class ProcessedTrack(MediaStreamTrack):
+    """The outgoing video: waits for the session's next processed frame; input timing, strictly increasing."""
+
+    kind = "video"
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    async def recv(self) -> av.VideoFrame:
+        session = self.session
+        while True:
+            if self.readyState != "live" or session.closed:
+                raise MediaStreamError
+            await session.output_ready.wait()
+            session.output_ready.clear()
+            if session.output is not None:
+                break
+        out = session.output
+        frame = av.VideoFrame.from_ndarray(out.frame, format="rgb24")
+        pts = out.pts if out.pts > session.last_pts else session.last_pts + 1
+        session.last_pts = pts
+        frame.pts, frame.time_base = pts, out.time_base
+        return frame
+
+
+class StreamServer:
+    """Sessions, signaling and stats for one loaded model."""
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        factory: DenoiserFactory,
+        *,
+        model_name: str,
+        placeholder: bool,
+        max_sessions: int = 4,
+        token: str | None = None,
+        ice_servers: list[str] | None = None,
+        idle_timeout: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.factory = factory
+        self.model_name = model_name
+        self.placeholder = placeholder
+        self.max_sessions = max_sessions
+        self.token = token
+        self.ice_servers = [parse_ice_server(s) for s in ice_servers or []]
+        self.idle_timeout = idle_timeout
+        self.sessions: dict[str, Session] = {}
+        self.worker: ModelWorker | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
+
+    # ------------------------------------------------------------------ app
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])
+        app.router.add_get("/", self.index)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_post("/offer", self.offer)
+        if WEB_DIR.is_dir():
+            app.router.add_static("/static", WEB_DIR, follow_symlinks=False)
+        app.on_startup.append(self._startup)
+        app.on_shutdown.append(self._shutdown)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        self.worker = ModelWorker(self.factory, asyncio.get_running_loop())
+        self.worker.start()
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def _shutdown(self, app: web.Application) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        await asyncio.gather(
+            *(self.close_session(s, "server shutting down") for s in list(self.sessions.values()))
+        )
+        if self.worker:
+            await asyncio.to_thread(self.worker.stop)
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return _error(413, f"request body too large: at most {MAX_BODY // 1024} KiB")
+        except web.HTTPException as exc:
+            if exc.status >= 400 and exc.content_type != "application/json":
+                return _error(exc.status, exc.reason)
+            raise
+
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if self.token and request.path in ("/offer", "/stats"):
+            given = request.headers.get("Authorization", "")
+            if not secrets.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+                return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
+        return await handler(request)
+
+    # ------------------------------------------------------------------ handlers
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        page = WEB_DIR / "index.html"
+        if not page.is_file():
+            return _error(404, "the web page is not installed (web/index.html is missing)")
+        return web.FileResponse(page)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "model": self.model_name,
+                "placeholder": self.placeholder,
+                "sessions": len(self.sessions),
+                "max_sessions": self.max_sessions,
+                "auth": bool(self.token),
+                "settings": {
+                    name: getattr(self.config, name) for name in (*LIVE_SETTINGS, "width", "height")
+                },
+            }
+        )
+
+    async def stats(self, request: web.Request) -> web.Response:
+        sessions = [s.snapshot() for s in self.sessions.values()]
+        return web.json_response(
+            {
+                "model": self.model_name,
+                "placeholder": self.placeholder,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "sessions": sessions,
+                "session_count": len(sessions),
+                "fps_out": round(sum(s["fps_out"] for s in sessions), 2),
+                "fps_in": round(sum(s["fps_in"] for s in sessions), 2),
+                "drops": sum(s["drops"] for s in sessions),
+                "skipped": sum(s["skipped"] for s in sessions),
+            }
+        )
+
+    async def offer(self, request: web.Request) -> web.Response:
+        # 1. check the request: JSON {sdp, type: "offer", settings?}
+        try:
+            body = await request.json()
+        except web.HTTPRequestEntityTooLarge:
+            raise
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            return _error(400, 'the body must be JSON: {"sdp": "...", "type": "offer"}')
+        if not isinstance(body, dict):
+            return _error(400, 'the body must be a JSON object: {"sdp": "...", "type": "offer"}')
+        for field in ("sdp", "type"):
+            if not isinstance(body.get(field), str) or not body[field]:
+                return _error(400, f"missing or empty field '{field}' (a string)")
+        if body["type"] != "offer":
+            return _error(400, f"type must be 'offer', got {body['type']!r}")
+        try:
+            kinds = [media.kind for media in SessionDescription.parse(body["sdp"]).media]
+        except Exception as exc:  # aiortc's parser asserts on malformed lines
+            return _error(400, f"invalid SDP offer: {exc or type(exc).__name__}")
+        if not kinds:
+            return _error(400, "invalid SDP offer: it has no media sections (m= lines)")
+        if "video" not in kinds:
+            return _error(400, "the offer has no video track: send the camera as a video track")
+        try:
+            config = apply_settings(self.config, body.get("settings") or {})
+        except ConfigError as exc:
+            return _error(400, f"bad settings: {exc}")
+        if len(self.sessions) >= self.max_sessions:
+            return _error(503, f"the server is full: {self.max_sessions} sessions at once; try again later")
+        # 2. negotiate
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
+        session = Session(secrets.token_urlsafe(8), pc, config)
+        self._wire(session)
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="offer"))
+            answer = await pc.createAnswer()
+            await pc.setLocalDescription(answer)
+        except Exception as exc:  # aiortc raises ValueError, KeyError, ... on malformed SDP
+            await self.close_session(session, "bad offer")
+            return _error(400, f"invalid SDP offer: {exc or type(exc).__name__}")
+        if not any(t.kind == "video" for t in pc.getTransceivers()):
+            await self.close_session(session, "no video")
+            return _error(400, "the offer has no video track: send the camera as a video track")
+        self.sessions[session.id] = session
+        assert self.worker is not None
+        self.worker.add(session)
+        logger.info("session %s started (%d/%d)", session.id, len(self.sessions), self.max_sessions)
+        return web.json_response(
+            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": session.id}
+        )
+
+    # ------------------------------------------------------------------ sessions
+    def _wire(self, session: Session) -> None:
+        pc = session.pc
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                pc.addTrack(ProcessedTrack(session))
+                session.tasks.append(asyncio.create_task(self._drain_video(session, track)))
+            else:  # audio (OBS sends it): consumed and discarded, or it would pile up
+                session.tasks.append(asyncio.create_task(_discard(track)))
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            if channel.label == "control":
+                session.control = channel
+                channel.on("message", lambda message: self.on_control(session, message))
+            elif channel.label == "telemetry":
+                session.telemetry = channel
+                session.tasks.append(asyncio.create_task(self._telemetry(session, channel)))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            logger.info("session %s: connection %s", session.id, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self.close_session(session, f"connection {pc.connectionState}")
+
+    async def _drain_video(self, session: Session, track: MediaStreamTrack) -> None:
+        """Incoming frames into the latest-only slot; the worker takes the newest."""
+        try:
+            while not session.closed:
+                frame = await track.recv()
+                if not isinstance(frame, av.VideoFrame):
+                    continue
+                session.last_input = time.monotonic()
+                session.stats_in.add({})
+                session.inputs.put(frame)
+                if self.worker:
+                    self.worker.notify()
+        except MediaStreamError:
+            pass
+
+    async def _telemetry(self, session: Session, channel: RTCDataChannel) -> None:
+        while not session.closed:
+            await asyncio.sleep(TELEMETRY_INTERVAL)
+            if channel.readyState == "open":
+                channel.send(json.dumps({"type": "telemetry", **session.snapshot()}))
+
+    def on_control(self, session: Session, message: object) -> None:
+        """A settings change from the page: validated here, applied by the worker from the next frame."""
+        channel = session.control
+        try:
+            data = json.loads(message) if isinstance(message, str) else None
+            if not isinstance(data, dict) or data.get("type") != "settings":
+                raise ConfigError('control messages are JSON {"type": "settings", ...}')
+            changes = {k: v for k, v in data.items() if k != "type"}
+            session.config = apply_settings(session.config, changes)
+            reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
+        except (ConfigError, json.JSONDecodeError) as exc:
+            reply = {"type": "error", "message": str(exc)}
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(reply))
+
+    async def close_session(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        logger.info("session %s closed: %s", session.id, reason)
+        self.sessions.pop(session.id, None)
+        if self.worker:
+            self.worker.remove(session)
+        session.inputs.close()
+        session.output_ready.set()
+        for task in session.tasks:
+            task.cancel()
+        await asyncio.gather(*session.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await session.pc.close()
+
+    async def _reap(self) -> None:
+        """Close sessions whose peer went quiet (no video for idle_timeout seconds)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if now - session.last_input > self.idle_timeout:
+                    await self.close_session(session, f"idle for {self.idle_timeout:.0f} s")
+
+
+def apply_settings(config: StreamConfig, changes: object) -> StreamConfig:
+    """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig."""
+    if not isinstance(changes, dict):
+        raise ConfigError("settings must be a JSON object")
+    unknown = sorted(set(changes) - set(LIVE_SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)}; live settings: {', '.join(LIVE_SETTINGS)}"
+        )
+    if not changes:
+        return config
+    return config.replace(**changes)
+
+
+def parse_ice_server(text: str) -> RTCIceServer:
+    """`stun:host:port` or `turn:user:password@host:port` (also turns:)."""
+    scheme, sep, rest = text.partition(":")
+    if not sep or scheme not in ("stun", "turn", "turns") or not rest:
+        raise ConfigError(
+            f"ice server must look like stun:host:port or turn:user:pass@host:port, got {text!r}"
+        )
+    if "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user, _, password = creds.partition(":")
+        return RTCIceServer(urls=f"{scheme}:{host}", username=user, credential=password)
+    return RTCIceServer(urls=text)
+
+
+async def _discard(track: MediaStreamTrack) -> None:
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            await track.recv()
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class ServerThread:
+    """`stream serve`'s app on 127.0.0.1 in a thread with its own event loop."""
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.port = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.runner = web.AppRunner(self.server.app())
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.runner.cleanup())
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        assert self.ready.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)

@@ -1,0 +1,122 @@
+"""A real browser: headless Chromium with a fake camera fed by a clip of a real photo, against `stream serve`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stream.capture import write_y4m
+from stream.config import StreamConfig
+from stream.denoiser import StreamDenoiser, load_model
+from stream.server import ServerThread, StreamServer
+from tests.conftest import pan_clip
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = Path(os.environ.get("STREAM_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
+CAMERA = (256, 192)  # (w, h) of the fake camera clip
+CONFIG = StreamConfig(
+    model="tiny", width=128, height=128, steps=2, strength=0.6, device="cpu", prompt="a watercolor painting"
+)
+
+
+@pytest.fixture()
+def chromium() -> Iterator[str]:
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed: apt-get install chromium (CI installs it)")
+        pytest.skip("Chromium is not installed here: apt-get install chromium")
+    yield CHROMIUM
+
+
+def test_browser_streams_through_the_page(chromium: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from playwright.sync_api import sync_playwright
+
+    clip = tmp_path / "camera.y4m"
+    write_y4m(clip, pan_clip(48, (CAMERA[1], CAMERA[0]), step=4))
+    components = load_model(CONFIG)
+    server = StreamServer(
+        CONFIG, lambda c: StreamDenoiser(components, c), model_name=components.name, placeholder=True
+    )
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with ServerThread(server) as running, sync_playwright() as p:
+        browser = p.chromium.launch(
+            executable_path=chromium,
+            headless=True,
+            args=[
+                "--no-sandbox",
+                "--use-fake-ui-for-media-stream",
+                "--use-fake-device-for-media-stream",
+                f"--use-file-for-fake-video-capture={clip}",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                "--disable-gpu",
+            ],
+        )
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        try:
+            page.goto(f"http://127.0.0.1:{running.port}/")
+            banner = page.locator("#placeholder-banner")
+            assert banner.is_visible() and "random weights" in banner.inner_text()
+            page.click("#start")
+            page.wait_for_function(
+                "window.streamApp.pc && window.streamApp.pc.connectionState === 'connected'", timeout=30_000
+            )
+            decoded = """async () => {
+                const stats = await window.streamApp.pc.getStats();
+                let n = 0;
+                stats.forEach(r => { if (r.type === 'inbound-rtp' && r.kind === 'video') n = r.framesDecoded; });
+                return n;
+            }"""
+            page.wait_for_function(f"({decoded})().then(n => n > 5)", timeout=30_000)
+            first = page.evaluate(decoded)
+            page.wait_for_timeout(2000)
+            second = page.evaluate(decoded)
+            assert second > first  # frames keep arriving and decoding
+            size = "id => [document.getElementById(id).videoWidth, document.getElementById(id).videoHeight]"
+            sent, received = page.evaluate(size, "input"), page.evaluate(size, "output")
+            assert received == sent and received[0] > 0  # sent back at the camera's size
+            difference = page.evaluate("""() => {
+                const grab = id => {
+                    const v = document.getElementById(id);
+                    const c = document.createElement('canvas');
+                    c.width = 64; c.height = 48;
+                    const g = c.getContext('2d');
+                    g.drawImage(v, 0, 0, 64, 48);
+                    return g.getImageData(0, 0, 64, 48).data;
+                };
+                const a = grab('input'), b = grab('output');
+                let sum = 0;
+                for (let i = 0; i < a.length; i += 4) sum += Math.abs(a[i] - b[i]) + Math.abs(a[i+1] - b[i+1]);
+                return sum / (a.length / 2);
+            }""")
+            assert difference > 10  # the output is the model's, not an echo of the camera
+            # Change the prompt through the page: the server's session gets it.
+            page.fill("#prompt", "a neon city at night")
+            deadline_ok = False
+            for _ in range(100):
+                sessions = list(server.sessions.values())
+                if sessions and sessions[0].config.prompt == "a neon city at night":
+                    deadline_ok = True
+                    break
+                page.wait_for_timeout(100)
+            assert deadline_ok, "the prompt typed in the page did not reach the server"
+            # The stats overlay shows numbers from the telemetry channel.
+            page.wait_for_function(
+                "/\\d+\\.\\d/.test(document.getElementById('stats').innerText)", timeout=10_000
+            )
+            text = page.inner_text("#stats")
+            assert re.search(r"\d+\.\d", text), text
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(ARTIFACTS / "browser.png"))
+            assert not errors, errors
+        finally:
+            browser.close()

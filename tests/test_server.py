@@ -1,0 +1,345 @@
+"""`stream serve` in-process: aiortc clients against the real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import aiohttp
+import av
+import numpy as np
+import pytest
+from aiohttp import web
+from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
+from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
+
+from stream.config import StreamConfig
+from stream.denoiser import FrameResult, StreamDenoiser, load_model
+from stream.server import StreamServer
+from tests.conftest import pan_clip
+
+MODEL_SIZE = 128
+CONFIG = StreamConfig(
+    model="tiny",
+    width=MODEL_SIZE,
+    height=MODEL_SIZE,
+    steps=2,
+    strength=0.6,
+    device="cpu",
+    prompt="a watercolor painting",
+    guidance_scale=1.0,
+)
+INPUT = pan_clip(1, (120, 160))[0]  # a still frame cut from a real photo, 160x120
+
+
+@pytest.fixture(scope="module")
+def tiny_factory(tiny_model_dir: Any) -> Callable[[StreamConfig], StreamDenoiser]:
+    components = load_model(CONFIG)
+    return lambda config: StreamDenoiser(components, config)
+
+
+class SlowDenoiser:
+    """A model that takes 200 ms a frame: the output is the input."""
+
+    skipped = 0
+
+    def process(self, frame: np.ndarray) -> FrameResult:
+        start = time.perf_counter()
+        time.sleep(0.2)
+        return FrameResult(frame.copy(), {"total": (time.perf_counter() - start) * 1000})
+
+    def update(self, config: StreamConfig) -> None:
+        pass
+
+
+class ClipTrack(VideoStreamTrack):
+    """Sends the given frames in a loop at 30 FPS."""
+
+    def __init__(self, frames: list[np.ndarray]) -> None:
+        super().__init__()
+        self.frames = frames
+        self.sent = 0
+
+    async def recv(self) -> av.VideoFrame:
+        pts, time_base = await self.next_timestamp()
+        frame = av.VideoFrame.from_ndarray(self.frames[self.sent % len(self.frames)], format="rgb24")
+        frame.pts, frame.time_base = pts, time_base
+        self.sent += 1
+        return frame
+
+
+class Client:
+    """A browser stand-in: sends a clip, receives processed frames, talks on the control channel."""
+
+    def __init__(self, frames: list[np.ndarray], audio: bool = False) -> None:
+        self.pc = RTCPeerConnection()
+        self.track = ClipTrack(frames)
+        self.pc.addTransceiver(self.track, direction="sendrecv")
+        if audio:
+            self.pc.addTrack(AudioStreamTrack())
+        self.control = self.pc.createDataChannel("control")
+        self.telemetry = self.pc.createDataChannel("telemetry")
+        self.replies: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.stats: list[dict[str, Any]] = []
+        self.received: list[av.VideoFrame] = []
+        self.control.on("message", lambda m: self.replies.put_nowait(json.loads(m)))
+        self.telemetry.on("message", lambda m: self.stats.append(json.loads(m)))
+        self.session = ""
+        self._reader: asyncio.Task[None] | None = None
+
+        @self.pc.on("track")
+        def on_track(track: Any) -> None:
+            if track.kind == "video":
+                self._reader = asyncio.create_task(self._read(track))
+
+    async def _read(self, track: Any) -> None:
+        try:
+            while True:
+                self.received.append(await track.recv())
+        except MediaStreamError:
+            pass
+
+    async def connect(
+        self, url: str, token: str | None = None, settings: dict[str, Any] | None = None
+    ) -> None:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer", "settings": settings or {}}
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(url + "/offer", json=body, headers=headers) as r,
+        ):
+            answer = await r.json()
+            assert r.status == 200, answer
+        self.session = answer["session"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+    async def wait_frames(self, count: int, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count:
+            assert time.monotonic() < deadline, f"only {len(self.received)} of {count} frames arrived"
+            await asyncio.sleep(0.05)
+
+    async def send(self, message: dict[str, Any]) -> dict[str, Any]:
+        while self.control.readyState != "open":
+            await asyncio.sleep(0.02)
+        self.control.send(json.dumps(message))
+        return await asyncio.wait_for(self.replies.get(), 10)
+
+    async def close(self) -> None:
+        await self.pc.close()
+        if self._reader:
+            self._reader.cancel()
+
+
+@asynccontextmanager
+async def running(server: StreamServer) -> AsyncIterator[str]:
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+def make_server(factory: Callable[[StreamConfig], Any], **kwargs: Any) -> StreamServer:
+    return StreamServer(CONFIG, factory, model_name="tiny", placeholder=True, **kwargs)
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.05)
+
+
+def test_round_trip_and_live_prompt_change(tiny_factory: Callable[[StreamConfig], StreamDenoiser]) -> None:
+    async def main() -> None:
+        server = make_server(tiny_factory)
+        async with running(server) as url:
+            client = Client([INPUT])
+            await client.connect(url)
+            await client.wait_frames(8)
+            frame = client.received[-1].to_ndarray(format="rgb24")
+            assert frame.shape == INPUT.shape  # the input's size, not the model's
+            session = server.sessions[client.session]
+            assert session.output is not None
+            steady = session.output.frame.copy()
+            # A live prompt change: acknowledged, and in the output within 2 frames.
+            reply = await client.send({"type": "settings", "prompt": "a neon city at night"})
+            assert reply == {"type": "applied", "settings": {"prompt": "a neon city at night"}}
+            count = session.stats.count
+            await until(lambda: session.stats.count >= count + 2)
+            assert np.abs(session.output.frame.astype(np.int16) - steady).mean() > 0.5
+            # Telemetry arrives a few times a second with numbers in it.
+            await until(lambda: len(client.stats) >= 3)
+            last = client.stats[-1]
+            assert (
+                last["type"] == "telemetry"
+                and last["fps_out"] > 0
+                and last["latency_ms"]["denoise"]["p50"] > 0
+            )
+            async with aiohttp.ClientSession() as http, http.get(url + "/stats") as r:
+                stats = await r.json()
+            assert stats["session_count"] == 1 and stats["sessions"][0]["frames"] >= 8
+            await client.close()
+
+    asyncio.run(main())
+
+
+def test_hang_up_frees_the_session(tiny_factory: Callable[[StreamConfig], StreamDenoiser]) -> None:
+    async def one_session(server: StreamServer, url: str) -> None:
+        client = Client([INPUT], audio=True)
+        await client.connect(url)
+        await client.wait_frames(3)
+        session = server.sessions[client.session]
+        await client.close()
+        await until(lambda: not server.sessions, timeout=30)
+        assert session.closed and session.denoiser is None or client.session not in server.worker.sessions  # type: ignore[union-attr]
+        assert all(t.done() for t in session.tasks)
+
+    async def main() -> None:
+        server = make_server(tiny_factory)
+        async with running(server) as url:
+            await one_session(server, url)  # warm up: executor threads are made once
+            await asyncio.sleep(0.5)
+            threads, tasks = threading.active_count(), len(asyncio.all_tasks())
+            await one_session(server, url)
+            await asyncio.sleep(0.5)
+            assert threading.active_count() <= threads
+            assert len(asyncio.all_tasks()) <= tasks
+
+    asyncio.run(main())
+
+
+def test_slow_model_keeps_latency_bounded(tiny_factory: Callable[[StreamConfig], StreamDenoiser]) -> None:
+    async def main() -> None:
+        server = make_server(lambda config: SlowDenoiser())
+        lags: list[float] = []
+
+        async def watch_loop() -> None:
+            while True:
+                start = time.perf_counter()
+                await asyncio.sleep(0.01)
+                lags.append(time.perf_counter() - start - 0.01)
+
+        async with running(server) as url:
+            client = Client(pan_clip(20, (120, 160), step=3))
+            await client.connect(url)
+            await client.wait_frames(2)
+            watcher = asyncio.create_task(watch_loop())
+            await asyncio.sleep(3.0)
+            watcher.cancel()
+            session = server.sessions[client.session]
+            snap = session.snapshot()
+            assert snap["drops"] > 10  # 30 FPS in, 5 FPS out: stale frames are dropped, not queued
+            assert 3 < snap["fps_out"] < 6  # the model sets the pace: 5 FPS
+            # Latency: the worker always takes the newest frame, so waiting + processing stays near 200 ms.
+            waits = list(session.stats.samples["wait"])
+            assert max(waits[2:]) < 150, waits
+            assert snap["latency_ms"]["total"]["p95"] < 300
+            assert max(lags) < 0.020, f"event loop lagged {max(lags) * 1000:.1f} ms"
+            await client.close()
+
+    asyncio.run(main())
+
+
+def audio_only_offer() -> str:
+    async def make() -> str:
+        pc = RTCPeerConnection()
+        pc.addTrack(AudioStreamTrack())
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    return asyncio.run(make())
+
+
+def test_bad_input_gets_4xx_while_another_session_streams(
+    tiny_factory: Callable[[StreamConfig], StreamDenoiser],
+) -> None:
+    audio_sdp = audio_only_offer()
+
+    async def main() -> None:
+        token = "s3cret"
+        server = make_server(tiny_factory, token=token, max_sessions=1)
+        auth = {"Authorization": f"Bearer {token}"}
+        async with running(server) as url, aiohttp.ClientSession() as http:
+            good = Client([INPUT])
+            await good.connect(url, token=token)
+            await good.wait_frames(3)
+
+            async def post(
+                data: Any, headers: dict[str, str] | None = None, raw: bool = False
+            ) -> tuple[int, str]:
+                kwargs = {"data": data} if raw else {"json": data}
+                async with http.post(url + "/offer", headers={**auth, **(headers or {})}, **kwargs) as r:
+                    body = await r.json()
+                    return r.status, body["error"]
+
+            good_sdp = good.pc.localDescription.sdp
+            cases = [
+                (await post("not json{", raw=True), 400, "must be JSON"),
+                (await post([1, 2]), 400, "JSON object"),
+                (await post({"type": "offer"}), 400, "'sdp'"),
+                (await post({"sdp": "v=0"}), 400, "'type'"),
+                (await post({"sdp": "v=0\r\nm=video 9", "type": "answer"}), 400, "type must be 'offer'"),
+                (await post({"sdp": "garbage m=video garbage", "type": "offer"}), 400, "invalid SDP"),
+                (await post({"sdp": "v=0\r\nm=video", "type": "offer"}), 400, "invalid SDP"),
+                (await post({"sdp": audio_sdp, "type": "offer"}), 400, "no video track"),
+                (await post(b"x" * (70 * 1024), raw=True), 413, "too large"),
+                (
+                    await post({"sdp": "m=video", "type": "offer"}, {"Authorization": "Bearer nope"}),
+                    401,
+                    "token",
+                ),
+                (
+                    await post({"sdp": good_sdp, "type": "offer", "settings": {"strength": 5}}),
+                    400,
+                    "strength",
+                ),
+                (await post({"sdp": good_sdp, "type": "offer", "settings": {"model": "x"}}), 400, "unknown"),
+            ]
+            for (status, message), want_status, words in cases:
+                assert status == want_status and words in message, (status, message, words)
+            async with http.get(url + "/stats") as r:
+                assert r.status == 401
+            # One session over --max-sessions: a real offer gets 503 with a reason.
+            extra = Client([INPUT])
+            await extra.pc.setLocalDescription(await extra.pc.createOffer())
+            status, message = await post({"sdp": extra.pc.localDescription.sdp, "type": "offer"})
+            assert status == 503 and "full" in message
+            await extra.close()
+            # Control channel: unknown, malformed, out of range; each answered, none applied.
+            before = server.sessions[good.session].config
+            for bad, words in [
+                ({"type": "settings", "flavour": "mint"}, "unknown setting"),
+                ({"type": "dance"}, "control messages are JSON"),
+                ({"type": "settings", "steps": 9}, "steps must be"),
+                ({"type": "settings", "strength": "high"}, "strength must be"),
+                ({"type": "settings", "latent_feedback": 1.5}, "latent_feedback must be"),
+            ]:
+                reply = await good.send(bad)
+                assert reply["type"] == "error" and words in reply["message"], (bad, reply)
+            good.control.send("{not json")
+            reply = await asyncio.wait_for(good.replies.get(), 10)
+            assert reply["type"] == "error"
+            assert server.sessions[good.session].config == before
+            # Through all of it the good session kept streaming.
+            count = len(good.received)
+            await good.wait_frames(count + 5)
+            async with http.get(url + "/health") as r:
+                health = await r.json()
+            assert health["status"] == "ok" and health["sessions"] == 1 and health["placeholder"] is True
+            await good.close()
+
+    asyncio.run(main())
