@@ -112,7 +112,7 @@ class Session:
 
     def snapshot(self) -> dict[str, Any]:
         latency = {}
-        for stage in ("total", *STAGES):
+        for stage in ("total", *STAGES, "wait"):
             p50, p95, p99 = self.stats.percentiles(stage)
             latency[stage] = {"p50": _num(p50), "p95": _num(p95), "p99": _num(p99)}
         return {

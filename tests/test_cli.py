@@ -189,14 +189,17 @@ def test_ctrl_c_finalizes_the_output(tmp_path: Path, tiny_model_dir: Path) -> No
     assert len(frames) >= 5 and frames[0].shape == (128, 128, 3)
 
 
-@pytest.mark.parametrize("extra,words", [
-    (["--max-sessions", "0"], "--max-sessions must be at least 1"),
-    (["--port", "70000"], "--port must be from 1 to 65535"),
-    (["--idle-timeout", "0"], "--idle-timeout must be > 0"),
-    (["--token", " "], "--token must not be empty"),
-    (["--ice-server", "http://example"], "ice server must look like"),
-    (["--strength", "3"], "strength must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+        (["--port", "70000"], "--port must be from 1 to 65535"),
+        (["--idle-timeout", "0"], "--idle-timeout must be > 0"),
+        (["--token", " "], "--token must not be empty"),
+        (["--ice-server", "http://example"], "ice server must look like"),
+        (["--strength", "3"], "strength must be in (0, 1]"),
+    ],
+)
 def test_serve_bad_arguments(extra: list[str], words: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", "--model", "tiny", *extra]) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
