@@ -11,6 +11,8 @@ import time
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+import cv2
+
 from stream import __version__
 from stream.capture import SinkError, SourceError, open_sink, open_source
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
@@ -180,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (UsageError, ConfigError, ModelError, SourceError, SinkError) as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # while loading the model or serving; the frame loop handles its own
+        print("stream: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -261,6 +266,7 @@ def _run_loop(
     line = _StatusLine(status)
     start = time.perf_counter()
     frames = 0
+    size: tuple[int, ...] | None = None
     interrupted = False
     try:
         while limit is None or frames < limit:
@@ -268,7 +274,12 @@ def _run_loop(
             if frame is None:
                 break
             result = denoiser.process(frame)
-            sink.write(result.frame)
+            out = result.frame
+            if size is None:
+                size = out.shape[:2]
+            elif out.shape[:2] != size:  # the source changed size: the file keeps its first size
+                out = cv2.resize(out, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+            sink.write(out)
             frames += 1
             stats.add(result.timings)
             line.update(frames, stats, denoiser.skipped, getattr(source, "drops", 0))

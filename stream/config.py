@@ -12,6 +12,7 @@ ATTENTION_BACKENDS = ("sdpa", "xformers")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 MAX_STEPS = 5
 MAX_SIDE = 2048
+MAX_TRAIN_TIMESTEPS = 1000  # SD-family models are trained on 1000 timesteps
 
 
 class ConfigError(ValueError):
@@ -85,6 +86,14 @@ class StreamConfig:
         _require(
             _is_real(self.strength) and 0.0 < self.strength <= 1.0, "strength", self.strength, "in (0, 1]"
         )
+        # A schedule of steps / strength DDIM steps must fit in the 1000 training timesteps.
+        _require(
+            self.strength * MAX_TRAIN_TIMESTEPS >= self.steps,
+            "strength",
+            self.strength,
+            f"at least steps / {MAX_TRAIN_TIMESTEPS} = {self.steps / MAX_TRAIN_TIMESTEPS:g} for {self.steps} "
+            "steps",
+        )
         _require(
             _is_real(self.guidance_scale) and 0.0 <= self.guidance_scale <= 30.0,
             "guidance_scale",
@@ -134,7 +143,12 @@ def _is_int(value: object) -> bool:
 
 
 def _is_real(value: object) -> bool:
-    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _is_device(value: object) -> bool:

@@ -486,12 +486,20 @@ class _StageTimer:
 
 
 # ---------------------------------------------------------------------- devices, attention
+def release_device_memory() -> None:
+    """Return cached GPU memory to the driver (after a stream's tensors have been dropped)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for but CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ConfigError("device 'mps' was asked for but is not available here; use --device cpu")
     return device

@@ -37,7 +37,7 @@ from aiortc.sdp import SessionDescription
 
 from stream.capture import LatestFrameSlot
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import STAGES, FrameResult
+from stream.denoiser import STAGES, FrameResult, release_device_memory
 from stream.monitor import RollingStats
 
 logger = logging.getLogger(__name__)
@@ -86,7 +86,7 @@ class Session:
         self.config = config  # validated; the worker applies it before the next frame
         self.applied: StreamConfig | None = None  # what the worker's denoiser runs with
         self.denoiser: Denoiser | None = None  # created and used only by the worker thread
-        self.inputs: LatestFrameSlot[av.VideoFrame] = LatestFrameSlot()
+        self.inputs: LatestFrameSlot[tuple[av.VideoFrame, float]] = LatestFrameSlot()  # (frame, arrival)
         self.output: Processed | None = None
         self.output_ready = asyncio.Event()
         self.stats = RollingStats()
@@ -99,7 +99,17 @@ class Session:
         self.closed = False
         self.error: str | None = None
         self.skipped = 0
-        self.last_pts = -1
+        self.last_pts = -1  # pts of the last frame sent
+        self.last_input_pts: int | None = None
+
+    def output_pts(self, input_pts: int) -> int:
+        """The input's timing, kept strictly increasing across the 32-bit RTP clock's wrap-around."""
+        if self.last_input_pts is None:
+            pts = input_pts
+        else:
+            pts = self.last_pts + max(1, (input_pts - self.last_input_pts) % 2**32)
+        self.last_input_pts, self.last_pts = input_pts, pts
+        return pts
 
     def deliver(self, processed: Processed, timings: dict[str, float], skipped: int) -> None:
         """Called on the event loop by the worker: newest processed frame wins."""
@@ -109,6 +119,11 @@ class Session:
         self.stats.add(timings)
         self.skipped = skipped
         self.output_ready.set()
+
+    def refuse(self, message: str) -> None:
+        """Tell the page that the worker could not apply its last settings (they were rolled back)."""
+        if self.control is not None and self.control.readyState == "open":
+            self.control.send(json.dumps({"type": "error", "message": message}))
 
     def snapshot(self) -> dict[str, Any]:
         latency = {}
@@ -135,8 +150,11 @@ def _num(value: float) -> float | None:
 class ModelWorker:
     """The one thread that owns the model: the newest frame of each session, round robin."""
 
-    def __init__(self, factory: DenoiserFactory, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self, factory: DenoiserFactory, loop: asyncio.AbstractEventLoop, fallback: StreamConfig
+    ) -> None:
         self.factory = factory
+        self.fallback = fallback  # the server's settings, for a session whose own cannot run
         self.loop = loop
         self.sessions: dict[str, Session] = {}
         self.lock = threading.Lock()
@@ -174,9 +192,12 @@ class ModelWorker:
             for session in sessions:
                 if self.stopping:
                     break
-                frame = session.inputs.get(timeout=0)
-                if frame is not None and not session.closed:
-                    self._process(session, frame)
+                item = session.inputs.get(timeout=0)
+                if item is not None and not session.closed:
+                    self._process(session, *item)
+                if session.closed:
+                    session.denoiser = None  # free its latents, noise and embeddings now
+                    release_device_memory()
             # A frame that arrived during the pass is picked up at once, not after the next wake.
             if any(s.inputs.ready for s in sessions if not s.closed):
                 self.wake.set()
@@ -184,24 +205,31 @@ class ModelWorker:
             for session in self.sessions.values():
                 session.denoiser = None
 
-    def _process(self, session: Session, frame: av.VideoFrame) -> None:
+    def _process(self, session: Session, frame: av.VideoFrame, arrival: float) -> None:
+        config = session.config
         try:
-            config = session.config
             if session.denoiser is None:
                 session.denoiser = self.factory(config)
             elif config is not session.applied:
                 session.denoiser.update(config)
             session.applied = config
-            waited = (time.monotonic() - session.last_input) * 1000.0
-            result = session.denoiser.process(frame.to_ndarray(format="rgb24"))
-        except Exception as exc:  # a bad frame or setting must not take the worker down
-            logger.exception("session %s: processing failed", session.id)
-            session.error = str(exc)
+        except ConfigError as exc:  # a setting this model cannot run (e.g. LCM at a too low strength)
+            session.config = session.applied or self.fallback
+            self._call(session.refuse, str(exc))
             return
-        timings = {**result.timings, "wait": max(0.0, waited)}
+        waited = (time.monotonic() - arrival) * 1000.0  # how long the frame sat in the slot
+        try:
+            result = session.denoiser.process(frame.to_ndarray(format="rgb24"))
+        except Exception:  # a bad frame must not take the worker down
+            logger.exception("session %s: processing a frame failed", session.id)
+            return
+        timings = {**result.timings, "wait": waited}
         processed = Processed(result.frame, int(frame.pts or 0), frame.time_base or Fraction(1, 90000))
-        skipped = session.denoiser.skipped
-        self.loop.call_soon_threadsafe(session.deliver, processed, timings, skipped)
+        self._call(session.deliver, processed, timings, session.denoiser.skipped)
+
+    def _call(self, callback: Callable[..., None], *args: Any) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown)
+            self.loop.call_soon_threadsafe(callback, *args)
 
 
 class ProcessedTrack(MediaStreamTrack):
@@ -224,9 +252,7 @@ class ProcessedTrack(MediaStreamTrack):
                 break
         out = session.output
         frame = av.VideoFrame.from_ndarray(out.frame, format="rgb24")
-        pts = out.pts if out.pts > session.last_pts else session.last_pts + 1
-        session.last_pts = pts
-        frame.pts, frame.time_base = pts, out.time_base
+        frame.pts, frame.time_base = session.output_pts(out.pts), out.time_base
         return frame
 
 
@@ -272,7 +298,7 @@ class StreamServer:
         return app
 
     async def _startup(self, app: web.Application) -> None:
-        self.worker = ModelWorker(self.factory, asyncio.get_running_loop())
+        self.worker = ModelWorker(self.factory, asyncio.get_running_loop(), self.config)
         self.worker.start()
         self._reaper = asyncio.create_task(self._reap())
 
@@ -304,7 +330,8 @@ class StreamServer:
     ) -> web.StreamResponse:
         if self.token and request.path in ("/offer", "/stats"):
             given = request.headers.get("Authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {self.token}".encode()):
+            expected = f"Bearer {self.token}".encode()
+            if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
                 return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
         return await handler(request)
 
@@ -324,6 +351,10 @@ class StreamServer:
                 "sessions": len(self.sessions),
                 "max_sessions": self.max_sessions,
                 "auth": bool(self.token),
+                "ice_servers": [
+                    {"urls": s.urls, "username": s.username, "credential": s.credential}
+                    for s in self.ice_servers
+                ],
                 "settings": {
                     name: getattr(self.config, name) for name in (*LIVE_SETTINGS, "width", "height")
                 },
@@ -378,6 +409,7 @@ class StreamServer:
         # 2. negotiate
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
         session = Session(secrets.token_urlsafe(8), pc, config)
+        self.sessions[session.id] = session  # holds its place while negotiating (closing frees it)
         self._wire(session)
         try:
             await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="offer"))
@@ -389,7 +421,6 @@ class StreamServer:
         if not any(t.kind == "video" for t in pc.getTransceivers()):
             await self.close_session(session, "no video")
             return _error(400, "the offer has no video track: send the camera as a video track")
-        self.sessions[session.id] = session
         assert self.worker is not None
         self.worker.add(session)
         logger.info("session %s started (%d/%d)", session.id, len(self.sessions), self.max_sessions)
@@ -433,7 +464,7 @@ class StreamServer:
                     continue
                 session.last_input = time.monotonic()
                 session.stats_in.add({})
-                session.inputs.put(frame)
+                session.inputs.put((frame, session.last_input))
                 if self.worker:
                     self.worker.notify()
         except MediaStreamError:
@@ -449,13 +480,16 @@ class StreamServer:
         """A settings change from the page: validated here, applied by the worker from the next frame."""
         channel = session.control
         try:
-            data = json.loads(message) if isinstance(message, str) else None
+            data = json.loads(message) if isinstance(message, str) and len(message) <= MAX_BODY else None
+        except (ValueError, RecursionError):  # not JSON, too deep, numbers too long
+            data = None
+        try:
             if not isinstance(data, dict) or data.get("type") != "settings":
-                raise ConfigError('control messages are JSON {"type": "settings", ...}')
+                raise ConfigError('control messages are JSON {"type": "settings", ...} of at most 64 KiB')
             changes = {k: v for k, v in data.items() if k != "type"}
             session.config = apply_settings(session.config, changes)
             reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
-        except (ConfigError, json.JSONDecodeError) as exc:
+        except ConfigError as exc:
             reply = {"type": "error", "message": str(exc)}
         if channel is not None and channel.readyState == "open":
             channel.send(json.dumps(reply))
@@ -469,6 +503,7 @@ class StreamServer:
         if self.worker:
             self.worker.remove(session)
         session.inputs.close()
+        session.denoiser = None  # the worker drops its own reference after any frame in flight
         session.output_ready.set()
         for task in session.tasks:
             task.cancel()

@@ -58,6 +58,10 @@ def ddim_timesteps(
     """
     total = inference_steps_for(steps, strength)
     T = num_train_timesteps
+    if total > T:
+        raise ValueError(
+            f"strength {strength} is too low for {steps} steps: at least {steps / T:g} is needed"
+        )
     if spacing == "linspace":
         grid = np.linspace(0, T - 1, total).round()[::-1].astype(np.int64)
     elif spacing == "leading":

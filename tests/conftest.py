@@ -16,6 +16,8 @@ if "STREAM_CACHE" not in os.environ:
     os.environ["STREAM_CACHE"] = tempfile.mkdtemp(prefix="stream-test-cache-")
     atexit.register(shutil.rmtree, os.environ["STREAM_CACHE"], ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# No model from the user's Hugging Face cache: `auto` must behave the same on every machine.
+os.environ["HF_HOME"] = os.path.join(os.environ["STREAM_CACHE"], "hf")
 
 
 @pytest.fixture(scope="session")

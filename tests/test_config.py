@@ -46,6 +46,11 @@ BAD = [
     ("device", "cuda:x"),
     ("dtype", "fp8"),
     ("attention", "flash"),
+    ("strength", 10**400),
+    ("strength", math.inf),
+    ("strength", True),
+    ("guidance_scale", -(10**400)),
+    ("latent_feedback", math.nan),
 ]
 
 
@@ -70,3 +75,9 @@ def test_replace_validates_and_refuses_unknown_names() -> None:
 def test_config_is_frozen() -> None:
     with pytest.raises(AttributeError):
         StreamConfig().steps = 2  # type: ignore[misc]
+
+
+def test_strength_must_leave_room_for_the_steps() -> None:
+    with pytest.raises(ConfigError, match=r"strength must be at least steps / 1000 = 0.004 for 4 steps"):
+        StreamConfig(steps=4, strength=0.001)
+    assert StreamConfig(steps=4, strength=0.004).strength == 0.004

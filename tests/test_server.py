@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -173,12 +175,16 @@ def test_round_trip_and_live_prompt_change(tiny_factory: Callable[[StreamConfig]
             session = server.sessions[client.session]
             assert session.output is not None
             steady = session.output.frame.copy()
+            count = session.stats.count
+            await until(lambda: session.stats.count >= count + 2)
+            drift = np.abs(session.output.frame.astype(np.int16) - steady).mean()  # codec noise on the input
             # A live prompt change: acknowledged, and in the output within 2 frames.
             reply = await client.send({"type": "settings", "prompt": "a neon city at night"})
             assert reply == {"type": "applied", "settings": {"prompt": "a neon city at night"}}
             count = session.stats.count
             await until(lambda: session.stats.count >= count + 2)
-            assert np.abs(session.output.frame.astype(np.int16) - steady).mean() > 0.5
+            change = np.abs(session.output.frame.astype(np.int16) - steady).mean()
+            assert change > 0.5 and change > 3 * drift, (change, drift)
             # Telemetry arrives a few times a second with numbers in it.
             await until(lambda: len(client.stats) >= 3)
             last = client.stats[-1]
@@ -201,10 +207,15 @@ def test_hang_up_frees_the_session(tiny_factory: Callable[[StreamConfig], Stream
         await client.connect(url)
         await client.wait_frames(3)
         session = server.sessions[client.session]
+        await until(lambda: session.denoiser is not None)
+        denoiser = weakref.ref(session.denoiser)  # type: ignore[arg-type]
         await client.close()
         await until(lambda: not server.sessions, timeout=30)
-        assert session.closed and session.denoiser is None or client.session not in server.worker.sessions  # type: ignore[union-attr]
+        assert session.closed and client.session not in server.worker.sessions  # type: ignore[union-attr]
         assert all(t.done() for t in session.tasks)
+        await asyncio.sleep(0.3)  # a frame in flight finishes
+        gc.collect()
+        assert denoiser() is None  # the session's model state is freed
 
     async def main() -> None:
         server = make_server(tiny_factory)
@@ -242,9 +253,10 @@ def test_slow_model_keeps_latency_bounded(tiny_factory: Callable[[StreamConfig],
             snap = session.snapshot()
             assert snap["drops"] > 10  # 30 FPS in, 5 FPS out: stale frames are dropped, not queued
             assert 3 < snap["fps_out"] < 6  # the model sets the pace: 5 FPS
-            # Latency: the worker always takes the newest frame, so waiting + processing stays near 200 ms.
+            # Latency: the worker always takes the newest frame, so no frame waits longer than one model
+            # call (200 ms) plus a frame interval; a queue would make the wait grow every frame.
             waits = list(session.stats.samples["wait"])
-            assert max(waits[2:]) < 150, waits
+            assert max(waits[2:]) < 200 + 60, waits
             assert snap["latency_ms"]["total"]["p95"] < 300
             assert max(lags) < 0.020, f"event loop lagged {max(lags) * 1000:.1f} ms"
             await client.close()
@@ -330,9 +342,19 @@ def test_bad_input_gets_4xx_while_another_session_streams(
             ]:
                 reply = await good.send(bad)
                 assert reply["type"] == "error" and words in reply["message"], (bad, reply)
-            good.control.send("{not json")
-            reply = await asyncio.wait_for(good.replies.get(), 10)
-            assert reply["type"] == "error"
+            for hostile in [
+                "{not json",
+                "[" * 5000,
+                '{"type": "settings", "seed": ' + "9" * 5000 + "}",
+                '{"type": "settings", "strength": ' + "9" * 400 + "}",
+            ]:
+                good.control.send(hostile)
+                reply = await asyncio.wait_for(good.replies.get(), 10)
+                assert reply["type"] == "error", hostile[:40]
+            reply = await good.send({"type": "settings", "strength": 0.001, "steps": 4})
+            assert reply["type"] == "error" and "at least" in reply["message"]
+            async with http.get(url + "/stats", headers={"Authorization": "Bearer \udcff"}) as r:
+                assert r.status == 401
             assert server.sessions[good.session].config == before
             # Through all of it the good session kept streaming.
             count = len(good.received)
@@ -341,5 +363,31 @@ def test_bad_input_gets_4xx_while_another_session_streams(
                 health = await r.json()
             assert health["status"] == "ok" and health["sessions"] == 1 and health["placeholder"] is True
             await good.close()
+
+    asyncio.run(main())
+
+
+def test_settings_the_model_cannot_run_are_refused_and_rolled_back(
+    tiny_factory: Callable[[StreamConfig], StreamDenoiser],
+) -> None:
+    async def main() -> None:
+        server = StreamServer(
+            CONFIG.replace(scheduler="lcm", strength=0.8), tiny_factory, model_name="tiny", placeholder=True
+        )
+        async with running(server) as url:
+            client = Client([INPUT])
+            await client.connect(url)
+            await client.wait_frames(3)
+            session = server.sessions[client.session]
+            good = session.config
+            # Valid for StreamConfig, but LCM's 50-step training schedule has no 5 steps at strength 0.05.
+            reply = await client.send({"type": "settings", "steps": 5, "strength": 0.05})
+            assert reply["type"] == "applied"
+            refusal = await asyncio.wait_for(client.replies.get(), 10)
+            assert refusal["type"] == "error" and "raise strength" in refusal["message"]
+            assert session.config == good
+            count = len(client.received)
+            await client.wait_frames(count + 3)  # still streaming with the old settings
+            await client.close()
 
     asyncio.run(main())

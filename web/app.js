@@ -352,7 +352,7 @@ async function start() {
     refreshCameras(track.getSettings().deviceId).catch(() => {}); // labels appear after permission
 
     // 2. peer connection: one sendrecv video transceiver, two data channels, then the offer
-    const pc = new RTCPeerConnection({ iceServers: [] });
+    const pc = new RTCPeerConnection({ iceServers: state.iceServers || [] });
     state.pc = pc;
     pc.onconnectionstatechange = () => onConnectionState(pc);
     pc.ontrack = (e) => {
@@ -415,6 +415,7 @@ async function loadHealth() {
     const health = await res.json();
     state.server = { ...DEFAULTS, ...(health.settings || {}) };
     state.auth = Boolean(health.auth);
+    state.iceServers = Array.isArray(health.ice_servers) ? health.ice_servers : [];
     $("placeholder-banner").hidden = !health.placeholder;
     $("token-row").hidden = !(state.auth && !state.token);
     $("server-info").textContent = `model ${health.model}`;
