@@ -4,7 +4,7 @@ Headless Chromium (Debian's, driven by Playwright) sends a fake camera fed by a 
 photo to a `stream serve` app on 127.0.0.1, receives the processed video over WebRTC, and counts the
 frames it decodes. Prints a table, then one JSON object as the last line.
 
-    python benchmarks/browser_fps.py --model tiny --size 256 --seconds 20
+    python -m benchmarks.browser_fps --model tiny --size 256 --seconds 20
 """
 
 from __future__ import annotations
@@ -19,17 +19,12 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.chromium import CHROMIUM, FRAMES_DECODED_JS, wait_connected
+from benchmarks.chromium import launch as chromium_launch
 from stream.capture import write_y4m
 from stream.config import StreamConfig
 from stream.denoiser import STAGES, StreamDenoiser, load_model
 from stream.server import ServerThread, StreamServer
-
-DECODED = """async () => {
-    const stats = await window.streamApp.pc.getStats();
-    let n = 0;
-    stats.forEach(r => { if (r.type === 'inbound-rtp' && r.kind === 'video') n = r.framesDecoded; });
-    return n;
-}"""
 
 
 def panning_clip(size: int, frames: int = 96) -> list:  # type: ignore[type-arg]
@@ -55,7 +50,7 @@ def main() -> int:
     parser.add_argument("--strength", type=float, default=0.6)
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time after a warm-up")
     parser.add_argument("--warmup", type=float, default=5.0)
-    parser.add_argument("--chromium", default="/usr/bin/chromium")
+    parser.add_argument("--chromium", default=CHROMIUM)
     parser.add_argument("--device", default="auto")
     args = parser.parse_args()
 
@@ -82,31 +77,15 @@ def main() -> int:
         clip = Path(tmp) / "camera.y4m"
         write_y4m(clip, panning_clip(args.size))
         with ServerThread(server) as running, sync_playwright() as p:
-            browser = p.chromium.launch(
-                executable_path=args.chromium,
-                headless=True,
-                args=[
-                    "--no-sandbox",
-                    "--use-fake-ui-for-media-stream",
-                    "--use-fake-device-for-media-stream",
-                    f"--use-file-for-fake-video-capture={clip}",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                    "--no-first-run",
-                    "--disable-gpu",
-                ],
-            )
+            browser = chromium_launch(p, clip, args.chromium)
             page = browser.new_page()
             page.goto(f"http://127.0.0.1:{running.port}/")
             page.click("#start")
-            page.wait_for_function(
-                "window.streamApp.pc && window.streamApp.pc.connectionState === 'connected'", timeout=60_000
-            )
+            wait_connected(page)
             page.wait_for_timeout(args.warmup * 1000)
-            n0, t0 = page.evaluate(DECODED), time.perf_counter()
+            n0, t0 = page.evaluate(FRAMES_DECODED_JS), time.perf_counter()
             page.wait_for_timeout(args.seconds * 1000)
-            n1, t1 = page.evaluate(DECODED), time.perf_counter()
+            n1, t1 = page.evaluate(FRAMES_DECODED_JS), time.perf_counter()
             size = page.evaluate(
                 "[document.getElementById('output').videoWidth,"
                 " document.getElementById('output').videoHeight]"

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from benchmarks.chromium import CHROMIUM, FRAMES_DECODED_JS, wait_connected
+from benchmarks.chromium import launch as chromium_launch
 from stream.capture import write_y4m
 from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser, load_model
 from stream.server import ServerThread, StreamServer
 from tests.conftest import pan_clip
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = Path(os.environ.get("STREAM_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
 CAMERA = (256, 192)  # (w, h) of the fake camera clip
 CONFIG = StreamConfig(
@@ -44,21 +44,7 @@ def test_browser_streams_through_the_page(chromium: str, tiny_model_dir: Path, t
     )
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with ServerThread(server) as running, sync_playwright() as p:
-        browser = p.chromium.launch(
-            executable_path=chromium,
-            headless=True,
-            args=[
-                "--no-sandbox",
-                "--use-fake-ui-for-media-stream",
-                "--use-fake-device-for-media-stream",
-                f"--use-file-for-fake-video-capture={clip}",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--no-first-run",
-                "--disable-gpu",
-            ],
-        )
+        browser = chromium_launch(p, clip, chromium)
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
@@ -67,15 +53,8 @@ def test_browser_streams_through_the_page(chromium: str, tiny_model_dir: Path, t
             banner = page.locator("#placeholder-banner")
             assert banner.is_visible() and "random weights" in banner.inner_text()
             page.click("#start")
-            page.wait_for_function(
-                "window.streamApp.pc && window.streamApp.pc.connectionState === 'connected'", timeout=30_000
-            )
-            decoded = """async () => {
-                const stats = await window.streamApp.pc.getStats();
-                let n = 0;
-                stats.forEach(r => { if (r.type === 'inbound-rtp' && r.kind === 'video') n = r.framesDecoded; });
-                return n;
-            }"""
+            wait_connected(page)
+            decoded = FRAMES_DECODED_JS
             page.wait_for_function(f"({decoded})().then(n => n > 5)", timeout=30_000)
             first = page.evaluate(decoded)
             page.wait_for_timeout(2000)
