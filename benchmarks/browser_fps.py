@@ -109,7 +109,7 @@ def main() -> int:
         "device": str(components.unet.device),
         "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
-        "command": " ".join(["python", *sys.argv]),
+        "command": " ".join(["python -m benchmarks.browser_fps", *sys.argv[1:]]),
     }
     print(f"model {components.name}, {args.size}x{args.size}, {args.steps} steps, guidance {args.guidance}")
     print(
