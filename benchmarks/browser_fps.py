@@ -23,7 +23,7 @@ from benchmarks.chromium import CHROMIUM, FRAMES_DECODED_JS, wait_connected
 from benchmarks.chromium import launch as chromium_launch
 from stream.capture import write_y4m
 from stream.config import StreamConfig
-from stream.denoiser import STAGES, StreamDenoiser, load_model
+from stream.denoiser import STAGES, load_model
 from stream.server import ServerThread, StreamServer
 
 
@@ -67,12 +67,7 @@ def main() -> int:
         prompt="an oil painting",
     )
     components = load_model(config)
-    server = StreamServer(
-        config,
-        lambda c: StreamDenoiser(components, c),
-        model_name=components.name,
-        placeholder=components.placeholder,
-    )
+    server = StreamServer.for_components(config, components)
     with tempfile.TemporaryDirectory() as tmp:
         clip = Path(tmp) / "camera.y4m"
         write_y4m(clip, panning_clip(args.size))

@@ -231,14 +231,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     components = load_model(config)
     StreamDenoiser(components, config)(_warmup_frame(config))  # fail fast on bad sizes; warm up
 
-    def factory(session_config: StreamConfig) -> StreamDenoiser:
-        return StreamDenoiser(components, session_config)
-
-    server = StreamServer(
+    server = StreamServer.for_components(
         config,
-        factory,
-        model_name=components.name,
-        placeholder=components.placeholder,
+        components,
         max_sessions=args.max_sessions,
         token=args.token,
         ice_servers=args.ice_server,

@@ -37,7 +37,7 @@ from aiortc.sdp import SessionDescription
 
 from stream.capture import LatestFrameSlot
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import STAGES, FrameResult, release_device_memory
+from stream.denoiser import STAGES, Components, FrameResult, StreamDenoiser, release_device_memory
 from stream.monitor import RollingStats
 
 logger = logging.getLogger(__name__)
@@ -283,6 +283,17 @@ class StreamServer:
         self.worker: ModelWorker | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.started = time.monotonic()
+
+    @classmethod
+    def for_components(cls, config: StreamConfig, components: Components, **options: Any) -> StreamServer:
+        """A server whose sessions each get a StreamDenoiser over the one loaded set of `components`."""
+        return cls(
+            config,
+            lambda session_config: StreamDenoiser(components, session_config),
+            model_name=components.name,
+            placeholder=components.placeholder,
+            **options,
+        )
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:

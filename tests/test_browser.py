@@ -13,7 +13,7 @@ from benchmarks.chromium import CHROMIUM, FRAMES_DECODED_JS, wait_connected
 from benchmarks.chromium import launch as chromium_launch
 from stream.capture import write_y4m
 from stream.config import StreamConfig
-from stream.denoiser import StreamDenoiser, load_model
+from stream.denoiser import load_model
 from stream.server import ServerThread, StreamServer
 from tests.conftest import pan_clip
 
@@ -39,9 +39,7 @@ def test_browser_streams_through_the_page(chromium: str, tiny_model_dir: Path, t
     clip = tmp_path / "camera.y4m"
     write_y4m(clip, pan_clip(48, (CAMERA[1], CAMERA[0]), step=4))
     components = load_model(CONFIG)
-    server = StreamServer(
-        CONFIG, lambda c: StreamDenoiser(components, c), model_name=components.name, placeholder=True
-    )
+    server = StreamServer.for_components(CONFIG, components)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with ServerThread(server) as running, sync_playwright() as p:
         browser = chromium_launch(p, clip, chromium)
