@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +40,18 @@ def wait_connected(page: Any, timeout_ms: int = 60_000) -> None:
     page.wait_for_function(
         "window.streamApp.pc && window.streamApp.pc.connectionState === 'connected'", timeout=timeout_ms
     )
+
+
+def wait_frames_decoded(page: Any, count: int, timeout_s: float = 30.0) -> int:
+    """Poll until the page has decoded more than `count` video frames; returns the number decoded.
+
+    (page.wait_for_function cannot wait on a Promise: it takes any Promise as truthy.)
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        decoded = int(page.evaluate(FRAMES_DECODED_JS))
+        if decoded > count:
+            return decoded
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the page decoded only {decoded} frames in {timeout_s:.0f} s")
+        page.wait_for_timeout(100)

@@ -1,4 +1,5 @@
-"""The `stream` console script: `stream serve` (the browser app) and `stream run` (headless)."""
+"""The `stream` console script: `stream serve` (the browser app), `stream run` (headless) and
+`stream bench` (the pipeline's latency, stage by stage)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,17 @@ import math
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 import cv2
 
 from stream import __version__
+from stream.bench import PHOTOS, BenchError
 from stream.capture import SinkError, SourceError, open_sink, open_source
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
 from stream.denoiser import STAGES, ModelError, StreamDenoiser, load_model
-from stream.monitor import RollingStats
+from stream.monitor import AdaptiveController, LatencyMonitor, RollingStats, build_ladder
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +94,30 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
         raise UsageError(str(exc)) from exc
 
 
+def add_budget_arguments(parser: argparse.ArgumentParser, adaptive_default: str) -> None:
+    group = parser.add_argument_group("latency budget")
+    group.add_argument(
+        "--target-fps",
+        type=float,
+        default=24.0,
+        help="frame rate to keep; the budget per frame is 1000/target-fps ms",
+    )
+    choices = ["on", "off"] if adaptive_default == "on" else ["auto", "on", "off"]
+    group.add_argument(
+        "--adaptive",
+        choices=choices,
+        default=adaptive_default,
+        help="when p95 frame time stays over the budget, use fewer steps (down to 1), then a smaller "
+        "model size; step back up when it stays under 70%% of the budget"
+        + ("; auto: on for a webcam, off for files and synthetic" if adaptive_default == "auto" else ""),
+    )
+
+
+def check_budget_arguments(args: argparse.Namespace) -> None:
+    if not (math.isfinite(args.target_fps) and 0 < args.target_fps <= 240):
+        raise UsageError(f"--target-fps must be in (0, 240], got {args.target_fps}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="stream",
@@ -133,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a session after this many seconds without video",
     )
     serve.add_argument("-v", "--verbose", action="store_true", help="log more (sessions, model loading)")
+    add_budget_arguments(serve, "on")
     add_config_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
     run = sub.add_parser(
@@ -165,8 +193,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log more (model loading, choices made)")
     run.add_argument("-q", "--quiet", action="store_true", help="no live status line")
+    add_budget_arguments(run, "auto")
     add_config_arguments(run)
     run.set_defaults(handler=cmd_run)
+    bench = sub.add_parser(
+        "bench",
+        help="measure the pipeline's latency per stage, with no network",
+        description="Run a clip made from a real photo through the model: a warm-up, then N timed frames. "
+        "Prints p50/p95/p99 per stage (each UNet step on its own line), FPS, whether the budget holds, and "
+        "the pipeline overhead (the share of frame time outside model forward passes). "
+        "Example: stream bench --model random:sd-turbo --device cuda --steps 1 --json",
+    )
+    bench.add_argument("--frames", type=int, default=100, metavar="N", help="timed frames")
+    bench.add_argument("--warmup", type=int, default=10, metavar="N", help="untimed frames first")
+    bench.add_argument(
+        "--motion", choices=["pan", "zoom", "static"], default="pan", help="the clip's camera motion"
+    )
+    bench.add_argument(
+        "--photo",
+        default="coffee",
+        help=f"scikit-image sample photo the clip is cut from: {', '.join(PHOTOS)}",
+    )
+    bench.add_argument(
+        "--target-fps", type=float, default=24.0, help="the budget judged: 1000/target-fps ms per frame"
+    )
+    bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    bench.add_argument(
+        "--plot", metavar="FILE.png", help="draw latency over time by stage and its distribution"
+    )
+    bench.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    bench.add_argument("-v", "--verbose", action="store_true", help="log more (model loading)")
+    add_config_arguments(bench)
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -179,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (UsageError, ConfigError, ModelError, SourceError, SinkError) as exc:
+    except (UsageError, ConfigError, ModelError, SourceError, SinkError, BenchError) as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # while loading the model or serving; the frame loop handles its own
@@ -190,6 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     # 1. check inputs: settings, then the source and sink, then the model (the slow part)
     config = config_from_args(args)
+    check_budget_arguments(args)
     if args.frames is not None and args.frames < 1:
         raise UsageError(f"--frames must be a positive number of frames, got {args.frames}")
     if not (math.isfinite(args.fps) and args.fps > 0):
@@ -201,8 +260,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         sink = open_sink(args.sink, fps)
         # 2. load the model and encode the prompt once
         denoiser = StreamDenoiser.from_pretrained(config.model, config)  # logs a warning for placeholders
-        # 3. frame loop
-        return _run_loop(source, sink, denoiser, args.frames, None if args.quiet else sys.stderr)
+        # 3. frame loop, with the budget kept by the adaptive controller when it is on
+        adaptive = args.adaptive == "on" or (args.adaptive == "auto" and args.source.startswith("webcam:"))
+        monitor = LatencyMonitor(args.target_fps)
+        controller = AdaptiveController(
+            monitor.budget_ms, build_ladder(config.steps, config.width, config.height), enabled=adaptive
+        )
+        return _run_loop(
+            source, sink, denoiser, args.frames, None if args.quiet else sys.stderr, monitor, controller
+        )
     finally:
         if sink is not None:
             sink.close()
@@ -216,6 +282,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     # 1. check inputs before the slow model load
     config = config_from_args(args)
+    check_budget_arguments(args)
     if args.max_sessions < 1:
         raise UsageError(f"--max-sessions must be at least 1, got {args.max_sessions}")
     if not 0 < args.port < 65536:
@@ -238,6 +305,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         token=args.token,
         ice_servers=args.ice_server,
         idle_timeout=args.idle_timeout,
+        target_fps=args.target_fps,
+        adaptive=args.adaptive == "on",
     )
     url = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
     print(f"stream: serving {components.name} on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
@@ -248,6 +317,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stream import bench
+
+    config = config_from_args(args)
+    if not math.isfinite(args.target_fps):
+        raise UsageError(f"--target-fps must be a number > 0, got {args.target_fps}")
+    if args.plot:
+        bench.import_pyplot()  # fail before the slow part when matplotlib is missing
+        if not Path(args.plot).parent.is_dir():
+            raise UsageError(f"--plot: the folder {str(Path(args.plot).parent)!r} does not exist")
+    summary = bench.run(
+        config,
+        frames=args.frames,
+        warmup=args.warmup,
+        motion=args.motion,
+        photo=args.photo,
+        target_fps=args.target_fps,
+        progress=None if args.quiet else sys.stderr,
+    )
+    bench.report(
+        summary, as_json=args.json, plot_path=args.plot, command=["stream", *sys.argv[1:]], out=sys.stdout
+    )
+    return 0
+
+
 def _warmup_frame(config: StreamConfig) -> Any:
     import numpy as np
 
@@ -255,9 +349,17 @@ def _warmup_frame(config: StreamConfig) -> Any:
 
 
 def _run_loop(
-    source: Any, sink: Any, denoiser: StreamDenoiser, limit: int | None, status: TextIO | None
+    source: Any,
+    sink: Any,
+    denoiser: StreamDenoiser,
+    limit: int | None,
+    status: TextIO | None,
+    monitor: LatencyMonitor | None = None,
+    controller: AdaptiveController | None = None,
 ) -> int:
-    stats = RollingStats()
+    monitor = monitor or LatencyMonitor()
+    stats = monitor.out
+    requested = denoiser.config
     line = _StatusLine(status)
     start = time.perf_counter()
     frames = 0
@@ -268,6 +370,14 @@ def _run_loop(
             frame = source.read()
             if frame is None:
                 break
+            if controller is not None:
+                config = controller.apply(requested)
+                if config is not denoiser.config:
+                    try:
+                        denoiser.update(config)
+                    except ConfigError as exc:  # the model cannot run this level: never try it again
+                        controller.drop_level(str(exc))
+                        denoiser.update(controller.apply(requested))
             result = denoiser.process(frame)
             out = result.frame
             if size is None:
@@ -276,7 +386,11 @@ def _run_loop(
                 out = cv2.resize(out, (size[1], size[0]), interpolation=cv2.INTER_AREA)
             sink.write(out)
             frames += 1
-            stats.add(result.timings)
+            monitor.frame_out(result.timings, result.skipped)
+            if controller is not None and not result.skipped:
+                change = controller.observe(result.timings["total"])
+                if change is not None:
+                    logger.warning("adaptive: %s -> %s: %s", change["from"], change["to"], change["reason"])
             line.update(frames, stats, denoiser.skipped, getattr(source, "drops", 0))
             if getattr(sink, "closed_by_user", False):
                 break

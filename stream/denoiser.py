@@ -58,7 +58,7 @@ class Components:
 @dataclass
 class FrameResult:
     frame: np.ndarray  # HxWx3 uint8 RGB, the input's size
-    timings: dict[str, float]  # milliseconds per stage (STAGES), plus "total"
+    timings: dict[str, float]  # ms per stage (STAGES), each step's UNet call (unet_1, ...), and "total"
     skipped: bool = False  # the similarity filter returned the previous output
 
 
@@ -222,7 +222,7 @@ class StreamDenoiser:
             with timer("denoise"):
                 latent = temporal.feedback_blend(latent, state.prev_latent, self.config.latent_feedback)
                 noise = self._noise(latent, state)
-                latent = self.denoise(latent, noise)
+                latent = self.denoise(latent, noise, timer)
                 state.prev_latent = latent
             # 4. decode: (1, 4, H/8, W/8) -> (1, 3, H, W) in [0, 1]
             with timer("decode"):
@@ -253,8 +253,13 @@ class StreamDenoiser:
         latent = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
         return latent * self.scaling_factor
 
-    def denoise(self, latent: torch.Tensor, noise: list[torch.Tensor]) -> torch.Tensor:
-        """Noise the clean latent to the first timestep, then run the DDIM/LCM steps; returns the result."""
+    def denoise(
+        self, latent: torch.Tensor, noise: list[torch.Tensor], timer: _StageTimer | None = None
+    ) -> torch.Tensor:
+        """Noise the clean latent to the first timestep, then run the DDIM/LCM steps; returns the result.
+
+        With a `timer`, each step's UNet call is timed as `unet_1`, `unet_2`, ...
+        """
         sched = self._schedule
         x = temporal.add_noise(latent, noise[0], sched.alphas[0])
         pred_type = self.scheduler_config.get("prediction_type", "epsilon")
@@ -266,9 +271,10 @@ class StreamDenoiser:
         denoised = x
         for i in range(len(sched.timesteps)):
             model_in = torch.cat([x, x]) if cfg else x  # (B, 4, h, w), B = 2 with CFG
-            out = self.unet(
-                model_in, self._t[i], encoder_hidden_states=embeds, timestep_cond=cond, return_dict=False
-            )[0]
+            with timer(f"unet_{i + 1}") if timer else contextlib.nullcontext():
+                out = self.unet(
+                    model_in, self._t[i], encoder_hidden_states=embeds, timestep_cond=cond, return_dict=False
+                )[0]
             if cfg:
                 uncond, text = out.chunk(2)
                 out = temporal.cfg_combine(uncond, text, self.config.guidance_scale)
@@ -465,22 +471,36 @@ def letterbox_geometry(src: tuple[int, int], canvas: tuple[int, int]) -> _Geomet
 
 
 class _StageTimer:
-    """Wall-clock milliseconds per stage; on CUDA the device is synchronized at each stage's end."""
+    """Milliseconds per stage, and the frame's wall-clock `total`.
+
+    On the CPU each stage is wall-clock time. On CUDA each stage is the time between two CUDA events
+    recorded around it (no synchronization in the middle of a frame); they are read once, at `finish`.
+    """
 
     def __init__(self, device: torch.device) -> None:
-        self._sync = device.type == "cuda"
+        self._cuda = device.type == "cuda"
         self._start = time.perf_counter()
+        self._events: list[tuple[str, Any, Any]] = []
         self.timings: dict[str, float] = {}
 
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
-        start = time.perf_counter()
+        if self._cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((stage, start, end))
+            return
+        begin = time.perf_counter()
         yield
-        if self._sync:
-            torch.cuda.synchronize()
-        self.timings[stage] = (time.perf_counter() - start) * 1000.0
+        self.timings[stage] = (time.perf_counter() - begin) * 1000.0
 
     def finish(self) -> dict[str, float]:
+        if self._cuda:
+            torch.cuda.synchronize()
+            for stage, start, end in self._events:
+                self.timings[stage] = float(start.elapsed_time(end))
         self.timings["total"] = (time.perf_counter() - self._start) * 1000.0
         return self.timings
 

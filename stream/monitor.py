@@ -1,11 +1,24 @@
-"""Rolling latency statistics: per-stage percentiles and frame rate over a recent window."""
+"""The latency budget monitor: per-stage timings, rolling p50/p95/p99, FPS in and out, the budget, and
+the adaptive controller that keeps a stream inside its budget.
+
+Stages of one frame (milliseconds): `wait` (in the input slot), `preprocess`, `encode` (VAE),
+`unet_1` ... `unet_k` (each step's UNet call; they are part of `denoise`), `denoise`, `decode` (VAE),
+`postprocess`, `handoff` (from the processed frame to the video encoder taking it), and `total` (the
+model worker's time on the frame: preprocess to postprocess). The budget is 1000 / target_fps ms of
+`total`: the work one frame may take so that the stream keeps its frame rate.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# The order in which stages are shown; unet_N stages sit after `denoise`'s other parts.
+STAGE_ORDER = ("total", "wait", "preprocess", "encode", "denoise", "decode", "postprocess", "handoff")
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -18,6 +31,15 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+def stage_names(keys: list[str] | tuple[str, ...] | Any) -> list[str]:
+    """Stage names in display order: the fixed stages, then unet_1, unet_2, ... by number."""
+    keys = set(keys)
+    ordered = [k for k in STAGE_ORDER if k in keys]
+    unets = sorted((k for k in keys if k.startswith("unet_") and k[5:].isdigit()), key=lambda k: int(k[5:]))
+    rest = sorted(keys - set(ordered) - set(unets))
+    return ordered + unets + rest
+
+
 class RollingStats:
     """The last `window` samples of each timing (ms) and frame times, for p50/p95/p99 and FPS."""
 
@@ -28,10 +50,15 @@ class RollingStats:
         self.count = 0
 
     def add(self, timings: Mapping[str, float], now: float | None = None) -> None:
+        """One frame: its timings, and its time for the frame rate."""
         for key, value in timings.items():
-            self.samples.setdefault(key, deque(maxlen=self.window)).append(value)
+            self.sample(key, value)
         self.stamps.append(time.perf_counter() if now is None else now)
         self.count += 1
+
+    def sample(self, key: str, value: float) -> None:
+        """One timing that is not tied to a frame's arrival (e.g. a hand-off measured later)."""
+        self.samples.setdefault(key, deque(maxlen=self.window)).append(value)
 
     def percentiles(self, key: str, qs: tuple[float, ...] = (50, 95, 99)) -> tuple[float, ...]:
         values = list(self.samples.get(key, ()))
@@ -42,3 +69,248 @@ class RollingStats:
         if len(self.stamps) < 2 or self.stamps[-1] <= self.stamps[0]:
             return 0.0
         return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+
+
+# ---------------------------------------------------------------------- adaptive control
+@dataclasses.dataclass(frozen=True)
+class Level:
+    """What the adaptive controller may change: the number of steps and the model's resolution."""
+
+    steps: int
+    width: int
+    height: int
+
+    def as_dict(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+def build_ladder(
+    steps: int,
+    width: int,
+    height: int,
+    *,
+    min_steps: int = 1,
+    scales: tuple[float, ...] = (0.75, 0.5),
+    multiple: int = 64,
+    min_side: int = 128,
+) -> list[Level]:
+    """Levels from the richest (the configured one) down: fewer steps to `min_steps`, then smaller sizes.
+
+    Sizes are the configured size times each of `scales`, rounded down to `multiple` (which every
+    Stable Diffusion autoencoder and UNet accepts) and at least `min_side`; sizes that do not shrink are
+    left out.
+    """
+    ladder = [Level(s, width, height) for s in range(steps, min(min_steps, steps) - 1, -1)]
+    floor = ladder[-1].steps
+    for scale in scales:
+        w = max(min_side, int(width * scale) // multiple * multiple)
+        h = max(min_side, int(height * scale) // multiple * multiple)
+        last = ladder[-1]
+        if w * h < last.width * last.height and w <= last.width and h <= last.height:
+            ladder.append(Level(floor, w, h))
+    return ladder
+
+
+class AdaptiveController:
+    """Steps a stream down its ladder when its p95 frame time stays over budget, and back up when it
+    stays well under; with hysteresis, so it never oscillates.
+
+    Frame times arrive one by one (`observe`); every `window` frames their p95 is judged:
+    - over the budget for `down_windows` windows in a row: one level down. The level left is marked
+      as failed, remembering the p95 then measured at the level below (`ref`).
+    - under `up_fraction` of the budget for `up_windows` windows in a row: one level up, unless that
+      level failed before and the load has not dropped since (the p95 here is not below 80% of `ref`).
+      This is what keeps a level that cannot hold the budget from being retried again and again.
+    - in between: no change (a dead band).
+    After a change the counters start again, so each judgement is of the current level only.
+    """
+
+    def __init__(
+        self,
+        budget_ms: float,
+        ladder: list[Level],
+        *,
+        enabled: bool = True,
+        window: int = 24,
+        down_windows: int = 2,
+        up_windows: int = 3,
+        up_fraction: float = 0.7,
+        clock: Callable[[], float] = time.monotonic,
+        max_log: int = 20,
+        multiple: int = 64,
+    ) -> None:
+        if not ladder:
+            raise ValueError("the ladder needs at least one level")
+        self.budget_ms = budget_ms
+        self.multiple = multiple  # sizes of ladders built by `apply`
+        self.enabled = enabled
+        self.window = window
+        self.down_windows = down_windows
+        self.up_windows = up_windows
+        self.up_fraction = up_fraction
+        self.clock = clock
+        self.started = clock()
+        self.changes: deque[dict[str, Any]] = deque(maxlen=max_log)
+        self.change_count = 0
+        self.retarget(ladder)
+
+    def retarget(self, ladder: list[Level]) -> None:
+        """A new ladder (the user changed steps or size): start again from its richest level."""
+        self.ladder = list(ladder)
+        self.index = 0
+        self._samples: list[float] = []
+        self._over = self._under = 0
+        self._failed: dict[int, float | None] = {}  # level index -> p95 measured just below it
+        self._pending: int | None = None  # the failed level whose ref the next window measures
+        self._applied: tuple[Any, int, Any] | None = None  # (requested config, index, config at index)
+
+    @property
+    def level(self) -> Level:
+        return self.ladder[self.index]
+
+    def apply(self, config: Any) -> Any:
+        """`config` (anything with steps, width, height and `replace`) at the current level.
+
+        The same object at the richest level. When the requested steps or size change (the user's
+        own settings) the ladder is rebuilt from them and the controller starts again at its top.
+        """
+        top = Level(config.steps, config.width, config.height)
+        if top != self.ladder[0]:
+            self.retarget(build_ladder(top.steps, top.width, top.height, multiple=self.multiple))
+        if self.index == 0 or not self.enabled:
+            return config
+        cached = self._applied
+        if cached is None or cached[0] is not config or cached[1] != self.index:
+            cached = (config, self.index, config.replace(**self.level.as_dict()))
+            self._applied = cached
+        return cached[2]
+
+    def drop_level(self, reason: str) -> None:
+        """The current level cannot run (e.g. the model refuses its size): remove it and the ones below."""
+        if self.index == 0:
+            return
+        before = self.level
+        self.ladder = self.ladder[: self.index]
+        self.index -= 1
+        self._log(before, f"level removed: {reason}")
+
+    def observe(self, frame_ms: float) -> dict[str, Any] | None:
+        """One frame's time; returns the change made (also logged in `changes`), or None."""
+        if not self.enabled:
+            return None
+        self._samples.append(frame_ms)
+        if len(self._samples) < self.window:
+            return None
+        p95 = percentile(self._samples, 95)
+        self._samples = []
+        if self._pending is not None:
+            self._failed[self._pending] = p95
+            self._pending = None
+        if p95 > self.budget_ms:
+            self._over, self._under = self._over + 1, 0
+            if self._over >= self.down_windows and self.index + 1 < len(self.ladder):
+                self._failed[self.index] = None
+                self._pending = self.index
+                return self._move(+1, f"p95 {p95:.1f} ms over the {self.budget_ms:.1f} ms budget")
+        elif p95 < self.up_fraction * self.budget_ms:
+            self._over, self._under = 0, self._under + 1
+            if self._under >= self.up_windows and self.index > 0:
+                target = self.index - 1
+                ref = self._failed.get(target)
+                if target not in self._failed or (ref is not None and p95 < 0.8 * ref):
+                    self._failed.pop(self.index - 1, None)
+                    share = f"{self.up_fraction:.0%} of the {self.budget_ms:.1f} ms budget"
+                    return self._move(-1, f"p95 {p95:.1f} ms under {share}")
+                self._under = 0  # that level could not hold the budget at this load: stay
+        else:
+            self._over = self._under = 0
+        return None
+
+    def _move(self, direction: int, reason: str) -> dict[str, Any]:
+        before = self.level
+        self.index += direction
+        return self._log(before, reason)
+
+    def _log(self, before: Level, reason: str) -> dict[str, Any]:
+        self._over = self._under = 0
+        self._samples = []
+        change = {
+            "at": round(self.clock() - self.started, 2),
+            "from": before.as_dict(),
+            "to": self.level.as_dict(),
+            "reason": reason,
+        }
+        self.changes.append(change)
+        self.change_count += 1
+        return change
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "enabled": self.enabled,
+            "level": self.index,
+            "levels": len(self.ladder),
+            **self.level.as_dict(),
+            "change_count": self.change_count,
+            "changes": list(self.changes)[-10:],
+        }
+
+
+# ---------------------------------------------------------------------- the monitor
+class LatencyMonitor:
+    """One stream's timings, frame rates, drops and skips, judged against its budget."""
+
+    def __init__(self, target_fps: float = 24.0, window: int = 240) -> None:
+        if not (isinstance(target_fps, (int, float)) and math.isfinite(target_fps) and target_fps > 0):
+            raise ValueError(f"target FPS must be a positive number, got {target_fps!r}")
+        self.target_fps = float(target_fps)
+        self.budget_ms = 1000.0 / self.target_fps
+        self.out = RollingStats(window)  # processed frames and their stage timings
+        self.inputs = RollingStats(window)  # arrivals
+        self.skipped = 0
+        self.drops = 0
+
+    def frame_in(self, now: float | None = None) -> None:
+        self.inputs.add({}, now)
+
+    def frame_out(
+        self, timings: Mapping[str, float], skipped: bool = False, now: float | None = None
+    ) -> None:
+        self.out.add(timings, now)
+        self.skipped += bool(skipped)
+
+    def sample(self, stage: str, ms: float) -> None:
+        self.out.sample(stage, ms)
+
+    def holds(self) -> bool | None:
+        """Whether p95 of the frame time is within the budget (None before any frame)."""
+        p95 = self.out.percentiles("total", (95,))[0]
+        return None if math.isnan(p95) else p95 <= self.budget_ms
+
+    def latency(self) -> dict[str, dict[str, float | None]]:
+        table: dict[str, dict[str, float | None]] = {}
+        for stage in stage_names(self.out.samples):
+            p50, p95, p99 = self.out.percentiles(stage)
+            table[stage] = {"p50": _num(p50), "p95": _num(p95), "p99": _num(p99)}
+        return table
+
+    def snapshot(self) -> dict[str, Any]:
+        p95 = self.out.percentiles("total", (95,))[0]
+        return {
+            "frames": self.out.count,
+            "frames_in": self.inputs.count,
+            "fps_in": round(self.inputs.fps(), 2),
+            "fps_out": round(self.out.fps(), 2),
+            "drops": self.drops,
+            "skipped": self.skipped,
+            "latency_ms": self.latency(),
+            "budget": {
+                "target_fps": self.target_fps,
+                "budget_ms": round(self.budget_ms, 2),
+                "p95_ms": _num(p95),
+                "holds": self.holds(),
+            },
+        }
+
+
+def _num(value: float) -> float | None:
+    return None if value != value else round(value, 2)  # NaN (no samples yet) -> null

@@ -16,7 +16,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, Protocol
@@ -34,11 +34,15 @@ from aiortc import (
 )
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from stream import stamp
 from stream.capture import LatestFrameSlot
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import STAGES, Components, FrameResult, StreamDenoiser, release_device_memory
-from stream.monitor import RollingStats
+from stream.denoiser import Components, FrameResult, StreamDenoiser, release_device_memory
+from stream.monitor import AdaptiveController, LatencyMonitor, build_ladder
 
 logger = logging.getLogger(__name__)
 
@@ -75,30 +79,42 @@ class Processed:
     frame: np.ndarray  # HxWx3 uint8 RGB
     pts: int
     time_base: Fraction
+    ready: float  # time.perf_counter() when the worker finished it, for the hand-off timing
 
 
 class Session:
     """One peer: its settings, temporal state (inside its denoiser), slots, tracks and stats."""
 
-    def __init__(self, session_id: str, pc: RTCPeerConnection, config: StreamConfig) -> None:
+    def __init__(
+        self,
+        session_id: str,
+        pc: RTCPeerConnection,
+        config: StreamConfig,
+        *,
+        target_fps: float = 24.0,
+        adaptive: bool = True,
+        stamp: bool = False,
+    ) -> None:
         self.id = session_id
         self.pc = pc
-        self.config = config  # validated; the worker applies it before the next frame
-        self.applied: StreamConfig | None = None  # what the worker's denoiser runs with
+        self.config = config  # the user's settings, validated; the worker applies them before the next frame
+        self.applied: StreamConfig | None = None  # what the worker's denoiser runs with (adaptive level)
+        self.accepted: StreamConfig | None = None  # the user's settings behind `applied`
         self.denoiser: Denoiser | None = None  # created and used only by the worker thread
         self.inputs: LatestFrameSlot[tuple[av.VideoFrame, float]] = LatestFrameSlot()  # (frame, arrival)
         self.output: Processed | None = None
         self.output_ready = asyncio.Event()
-        self.stats = RollingStats()
-        self.stats_in = RollingStats()
+        self.monitor = LatencyMonitor(target_fps)
+        self.adaptive = AdaptiveController(
+            self.monitor.budget_ms, build_ladder(config.steps, config.width, config.height), enabled=adaptive
+        )
+        self.stamp = stamp  # copy the page's frame-ID patch from each input into its output
         self.tasks: list[asyncio.Task[Any]] = []
         self.control: RTCDataChannel | None = None
         self.telemetry: RTCDataChannel | None = None
         self.last_input = time.monotonic()
         self.created = time.monotonic()
         self.closed = False
-        self.error: str | None = None
-        self.skipped = 0
         self.last_pts = -1  # pts of the last frame sent
         self.last_input_pts: int | None = None
 
@@ -111,13 +127,12 @@ class Session:
         self.last_input_pts, self.last_pts = input_pts, pts
         return pts
 
-    def deliver(self, processed: Processed, timings: dict[str, float], skipped: int) -> None:
+    def deliver(self, processed: Processed, timings: dict[str, float], skipped: bool) -> None:
         """Called on the event loop by the worker: newest processed frame wins."""
         if self.closed:
             return
         self.output = processed
-        self.stats.add(timings)
-        self.skipped = skipped
+        self.monitor.frame_out(timings, skipped)
         self.output_ready.set()
 
     def refuse(self, message: str) -> None:
@@ -126,34 +141,28 @@ class Session:
             self.control.send(json.dumps({"type": "error", "message": message}))
 
     def snapshot(self) -> dict[str, Any]:
-        latency = {}
-        for stage in ("total", *STAGES, "wait"):
-            p50, p95, p99 = self.stats.percentiles(stage)
-            latency[stage] = {"p50": _num(p50), "p95": _num(p95), "p99": _num(p99)}
+        self.monitor.drops = self.inputs.drops
         return {
             "session": self.id,
-            "frames": self.stats.count,
-            "frames_in": self.stats_in.count,
-            "fps_in": round(self.stats_in.fps(), 2),
-            "fps_out": round(self.stats.fps(), 2),
-            "drops": self.inputs.drops,
-            "skipped": self.skipped,
-            "latency_ms": latency,
+            **self.monitor.snapshot(),
+            "adaptive": self.adaptive.snapshot(),
+            "stamp": self.stamp,
             "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
         }
-
-
-def _num(value: float) -> float | None:
-    return None if value != value else round(value, 2)  # NaN (no samples yet) -> null
 
 
 class ModelWorker:
     """The one thread that owns the model: the newest frame of each session, round robin."""
 
     def __init__(
-        self, factory: DenoiserFactory, loop: asyncio.AbstractEventLoop, fallback: StreamConfig
+        self,
+        factory: DenoiserFactory,
+        loop: asyncio.AbstractEventLoop,
+        fallback: StreamConfig,
+        on_frame: Callable[[float], None] | None = None,
     ) -> None:
         self.factory = factory
+        self.on_frame = on_frame  # called with each processed frame's model time in seconds
         self.fallback = fallback  # the server's settings, for a session whose own cannot run
         self.loop = loop
         self.sessions: dict[str, Session] = {}
@@ -206,26 +215,54 @@ class ModelWorker:
                 session.denoiser = None
 
     def _process(self, session: Session, frame: av.VideoFrame, arrival: float) -> None:
-        config = session.config
+        # 1. settings: the user's, at the adaptive controller's current level
+        requested = session.config
+        config = session.adaptive.apply(requested)
         try:
-            if session.denoiser is None:
-                session.denoiser = self.factory(config)
+            denoiser = session.denoiser
+            if denoiser is None:
+                denoiser = session.denoiser = self.factory(config)
             elif config is not session.applied:
-                session.denoiser.update(config)
-            session.applied = config
-        except ConfigError as exc:  # a setting this model cannot run (e.g. LCM at a too low strength)
-            session.config = session.applied or self.fallback
+                denoiser.update(config)
+            session.applied, session.accepted = config, requested
+        except ConfigError as exc:
+            if config is not requested:  # the model cannot run this adaptive level: never try it again
+                session.adaptive.drop_level(str(exc))
+                logger.warning("session %s: adaptive level refused by the model: %s", session.id, exc)
+                return
+            # a setting this model cannot run (e.g. LCM at a too low strength): roll back, tell the page
+            session.config = session.accepted or self.fallback
             self._call(session.refuse, str(exc))
             return
+        # 2. the frame through the model
         waited = (time.monotonic() - arrival) * 1000.0  # how long the frame sat in the slot
         try:
-            result = session.denoiser.process(frame.to_ndarray(format="rgb24"))
+            pixels = frame.to_ndarray(format="rgb24")
+            result = denoiser.process(pixels)
         except Exception:  # a bad frame must not take the worker down
             logger.exception("session %s: processing a frame failed", session.id)
             return
+        out = result.frame
+        if session.stamp and out.shape == pixels.shape:
+            out = stamp.copy_patch(pixels, out.copy())
+        # 3. the budget: adapt steps and size to the frame time of frames the model really ran
+        if not result.skipped:
+            if self.on_frame is not None:
+                self.on_frame(result.timings["total"] / 1000.0)
+            change = session.adaptive.observe(result.timings["total"])
+            if change is not None:
+                logger.info(
+                    "session %s: adaptive %s -> %s: %s",
+                    session.id,
+                    change["from"],
+                    change["to"],
+                    change["reason"],
+                )
         timings = {**result.timings, "wait": waited}
-        processed = Processed(result.frame, int(frame.pts or 0), frame.time_base or Fraction(1, 90000))
-        self._call(session.deliver, processed, timings, session.denoiser.skipped)
+        processed = Processed(
+            out, int(frame.pts or 0), frame.time_base or Fraction(1, 90000), time.perf_counter()
+        )
+        self._call(session.deliver, processed, timings, result.skipped)
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown)
@@ -253,6 +290,7 @@ class ProcessedTrack(MediaStreamTrack):
         out = session.output
         frame = av.VideoFrame.from_ndarray(out.frame, format="rgb24")
         frame.pts, frame.time_base = session.output_pts(out.pts), out.time_base
+        session.monitor.sample("handoff", (time.perf_counter() - out.ready) * 1000.0)
         return frame
 
 
@@ -270,8 +308,12 @@ class StreamServer:
         token: str | None = None,
         ice_servers: list[str] | None = None,
         idle_timeout: float = 30.0,
+        target_fps: float = 24.0,
+        adaptive: bool = True,
     ) -> None:
         self.config = config
+        self.target_fps = LatencyMonitor(target_fps).target_fps  # validated
+        self.adaptive = adaptive
         self.factory = factory
         self.model_name = model_name
         self.placeholder = placeholder
@@ -283,6 +325,15 @@ class StreamServer:
         self.worker: ModelWorker | None = None
         self._reaper: asyncio.Task[None] | None = None
         self.started = time.monotonic()
+        self.sessions_started = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(_Metrics(self))
+        self.frame_seconds = Histogram(
+            "stream_frame_seconds",
+            "Model time per processed frame (preprocess to postprocess), all sessions",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
 
     @classmethod
     def for_components(cls, config: StreamConfig, components: Components, **options: Any) -> StreamServer:
@@ -301,6 +352,7 @@ class StreamServer:
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/offer", self.offer)
         if WEB_DIR.is_dir():
             app.router.add_static("/static", WEB_DIR, follow_symlinks=False)
@@ -309,7 +361,9 @@ class StreamServer:
         return app
 
     async def _startup(self, app: web.Application) -> None:
-        self.worker = ModelWorker(self.factory, asyncio.get_running_loop(), self.config)
+        self.worker = ModelWorker(
+            self.factory, asyncio.get_running_loop(), self.config, on_frame=self.frame_seconds.observe
+        )
         self.worker.start()
         self._reaper = asyncio.create_task(self._reap())
 
@@ -339,7 +393,7 @@ class StreamServer:
     async def _auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if self.token and request.path in ("/offer", "/stats"):
+        if self.token and request.path in ("/offer", "/stats", "/metrics"):
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {self.token}".encode()
             if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
@@ -379,6 +433,9 @@ class StreamServer:
                 "model": self.model_name,
                 "placeholder": self.placeholder,
                 "uptime_s": round(time.monotonic() - self.started, 1),
+                "target_fps": self.target_fps,
+                "budget_ms": round(1000.0 / self.target_fps, 2),
+                "adaptive": self.adaptive,
                 "sessions": sessions,
                 "session_count": len(sessions),
                 "fps_out": round(sum(s["fps_out"] for s in sessions), 2),
@@ -387,6 +444,10 @@ class StreamServer:
                 "skipped": sum(s["skipped"] for s in sessions),
             }
         )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def offer(self, request: web.Request) -> web.Response:
         # 1. check the request: JSON {sdp, type: "offer", settings?}
@@ -403,6 +464,9 @@ class StreamServer:
                 return _error(400, f"missing or empty field '{field}' (a string)")
         if body["type"] != "offer":
             return _error(400, f"type must be 'offer', got {body['type']!r}")
+        stamped = body.get("stamp", False)
+        if not isinstance(stamped, bool):
+            return _error(400, f"stamp must be true or false, got {stamped!r}")
         try:
             kinds = [media.kind for media in SessionDescription.parse(body["sdp"]).media]
         except Exception as exc:  # aiortc's parser asserts on malformed lines
@@ -419,7 +483,15 @@ class StreamServer:
             return _error(503, f"the server is full: {self.max_sessions} sessions at once; try again later")
         # 2. negotiate
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
-        session = Session(secrets.token_urlsafe(8), pc, config)
+        session = Session(
+            secrets.token_urlsafe(8),
+            pc,
+            config,
+            target_fps=self.target_fps,
+            adaptive=self.adaptive,
+            stamp=stamped,
+        )
+        self.sessions_started += 1
         self.sessions[session.id] = session  # holds its place while negotiating (closing frees it)
         self._wire(session)
         try:
@@ -474,7 +546,7 @@ class StreamServer:
                 if not isinstance(frame, av.VideoFrame):
                     continue
                 session.last_input = time.monotonic()
-                session.stats_in.add({})
+                session.monitor.frame_in()
                 session.inputs.put((frame, session.last_input))
                 if self.worker:
                     self.worker.notify()
@@ -530,6 +602,82 @@ class StreamServer:
             for session in list(self.sessions.values()):
                 if now - session.last_input > self.idle_timeout:
                     await self.close_session(session, f"idle for {self.idle_timeout:.0f} s")
+
+
+class _Metrics(Collector):
+    """`/metrics`: the server's and each open session's numbers, read at scrape time."""
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self.server
+        info = GaugeMetricFamily("stream_model_info", "The loaded model", labels=["model", "placeholder"])
+        info.add_metric([server.model_name, str(server.placeholder).lower()], 1)
+        yield info
+        yield GaugeMetricFamily("stream_sessions", "Open sessions", value=len(server.sessions))
+        yield GaugeMetricFamily("stream_max_sessions", "Sessions allowed at once", value=server.max_sessions)
+        yield CounterMetricFamily(
+            "stream_sessions_started",
+            "Sessions started since the server started",
+            value=server.sessions_started,
+        )
+        yield GaugeMetricFamily(
+            "stream_budget_seconds", "Frame-time budget: 1 / target FPS", value=1.0 / server.target_fps
+        )
+        labels = ["session"]
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {
+            "frames_in": CounterMetricFamily("stream_frames_in", "Frames received", labels=labels),
+            "frames": CounterMetricFamily("stream_frames_out", "Frames processed and sent", labels=labels),
+            "drops": CounterMetricFamily(
+                "stream_dropped_frames", "Input frames replaced before the model took them", labels=labels
+            ),
+            "skipped": CounterMetricFamily(
+                "stream_skipped_frames",
+                "Frames the similarity filter answered without the model",
+                labels=labels,
+            ),
+            "fps_in": GaugeMetricFamily(
+                "stream_fps_in", "Input frame rate over the recent window", labels=labels
+            ),
+            "fps_out": GaugeMetricFamily(
+                "stream_fps_out", "Output frame rate over the recent window", labels=labels
+            ),
+        }
+        holds = GaugeMetricFamily(
+            "stream_budget_holds", "1 when p95 frame time is within budget", labels=labels
+        )
+        stages = GaugeMetricFamily(
+            "stream_stage_latency_seconds",
+            "Recent per-stage latency quantiles",
+            labels=["session", "stage", "quantile"],
+        )
+        level = GaugeMetricFamily(
+            "stream_adaptive_level", "Adaptive level (0 = the configured steps and size)", labels=labels
+        )
+        steps = GaugeMetricFamily("stream_steps", "Denoising steps now run per frame", labels=labels)
+        width = GaugeMetricFamily("stream_model_width", "Model width now used, px", labels=labels)
+        height = GaugeMetricFamily("stream_model_height", "Model height now used, px", labels=labels)
+        changes = CounterMetricFamily("stream_adaptive_changes", "Adaptive level changes", labels=labels)
+        for session in list(server.sessions.values()):
+            snap = session.snapshot()
+            key = [session.id]
+            for name, family in families.items():
+                family.add_metric(key, snap[name])
+            if snap["budget"]["holds"] is not None:
+                holds.add_metric(key, float(snap["budget"]["holds"]))
+            for stage, values in snap["latency_ms"].items():
+                for q, name in (("0.5", "p50"), ("0.95", "p95"), ("0.99", "p99")):
+                    if values[name] is not None:
+                        stages.add_metric([session.id, stage, q], values[name] / 1000.0)
+            adaptive = snap["adaptive"]
+            level.add_metric(key, adaptive["level"])
+            steps.add_metric(key, adaptive["steps"])
+            width.add_metric(key, adaptive["width"])
+            height.add_metric(key, adaptive["height"])
+            changes.add_metric(key, adaptive["change_count"])
+        yield from families.values()
+        yield from (holds, stages, level, steps, width, height, changes)
 
 
 def apply_settings(config: StreamConfig, changes: object) -> StreamConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Iterator
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.chromium import CHROMIUM, FRAMES_DECODED_JS, wait_connected
+from benchmarks.chromium import CHROMIUM, FRAMES_DECODED_JS, wait_connected, wait_frames_decoded
 from benchmarks.chromium import launch as chromium_launch
 from stream.capture import write_y4m
 from stream.config import StreamConfig
@@ -53,7 +54,7 @@ def test_browser_streams_through_the_page(chromium: str, tiny_model_dir: Path, t
             page.click("#start")
             wait_connected(page)
             decoded = FRAMES_DECODED_JS
-            page.wait_for_function(f"({decoded})().then(n => n > 5)", timeout=30_000)
+            wait_frames_decoded(page, 5)
             first = page.evaluate(decoded)
             page.wait_for_timeout(2000)
             second = page.evaluate(decoded)
@@ -92,8 +93,29 @@ def test_browser_streams_through_the_page(chromium: str, tiny_model_dir: Path, t
             )
             text = page.inner_text("#stats")
             assert re.search(r"\d+\.\d", text), text
+            # The budget and the adaptive controller's level are shown too.
+            page.wait_for_function("/budget \\d/.test(document.getElementById('budget').innerText)")
+            assert re.search(r"adaptive \d steps?, 128x128", page.inner_text("#adaptive"))
             page.wait_for_timeout(500)
             page.screenshot(path=str(ARTIFACTS / "browser.png"))
             assert not errors, errors
         finally:
             browser.close()
+
+
+def test_webrtc_e2e_benchmark_measures_glass_to_glass(
+    chromium: str, tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """The e2e benchmark in a short run: stamped frames come back through the real browser and server."""
+    from benchmarks.webrtc_e2e import main as e2e_main
+
+    plot = tmp_path / "e2e.png"
+    args = ["--size", "128", "--steps", "1", "--guidance", "1", "--seconds", "4", "--warmup", "1"]
+    assert e2e_main([*args, "--chromium", chromium, "--plot", str(plot)]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    g2g = result["glass_to_glass_ms"]
+    assert g2g["count"] >= 5, result  # frame IDs survive VP8 both ways and the server's copy
+    assert 0 < g2g["p50"] <= g2g["p95"] <= g2g["p99"] < 10_000
+    assert result["received_fps"] > 1 and result["received_size"] == [128, 128]
+    assert result["stamped_back"] <= result["stamped_sent"] and result["freezes"] >= 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"

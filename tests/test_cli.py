@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -233,3 +234,58 @@ def test_serve_starts_answers_health_and_stops(tiny_model_dir: Path) -> None:
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     assert "Traceback" not in err and f"127.0.0.1:{port}" in err
+
+
+def test_bench_prints_a_table_json_and_a_plot(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    plot = tmp_path / "latency.png"
+    args = ["--model", "tiny", "--width", "64", "--height", "64", "--steps", "3", "--guidance", "2"]
+    assert main(["bench", *args, "--frames", "8", "--warmup", "2", "-q", "--json", "--plot", str(plot)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    assert result["benchmark"] == "latency" and result["frames"] == 8 and result["placeholder"] is True
+    stages = result["latency_ms"]
+    assert {"preprocess", "encode", "unet_1", "unet_2", "unet_3", "denoise", "decode", "frame"} <= set(stages)
+    assert all(0 < stages[s]["p50"] <= stages[s]["p95"] <= stages[s]["p99"] for s in stages)
+    assert 0 < result["model_forward_share"] < 1 and result["fps"] > 0
+    assert abs(result["model_forward_share"] + result["pipeline_overhead_share"] - 1) < 1e-3
+    assert any(line.startswith("  unet_3") for line in out) and "random weights" in "\n".join(out)
+    assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_script_always_ends_with_json(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    from benchmarks.latency import main as latency_main
+
+    args = [
+        "--model",
+        "tiny",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "1",
+        "--frames",
+        "3",
+        "--warmup",
+        "1",
+    ]
+    assert latency_main([*args, "--motion", "static", "-q"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["steps"] == 1 and "static" in result["clip"] and "unet_2" not in result["latency_ms"]
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--frames", "0"], "--frames must be at least 1"),
+        (["--warmup", "-1"], "--warmup must be 0 or more"),
+        (["--photo", "cat"], "photo must be one of"),
+        (["--plot", "/nonexistent/dir/x.png"], "does not exist"),
+        (["--steps", "9"], "steps must be"),
+    ],
+)
+def test_bench_bad_arguments(extra: list[str], words: str, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--model", "tiny", "--width", "64", "--height", "64", "-q", *extra]) == 2
+    assert words in capsys.readouterr().err

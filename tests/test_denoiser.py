@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -299,9 +300,28 @@ def test_vae_tiny_on_the_tiny_model_is_taesd_shaped() -> None:
 def test_output_shape_dtype_and_timings(tiny: StreamDenoiser) -> None:
     result = tiny.process(square_photo())
     assert result.frame.shape == (SIZE, SIZE, 3) and result.frame.dtype == np.uint8 and not result.skipped
-    assert set(result.timings) == {*STAGES, "total"}
+    assert set(result.timings) == {*STAGES, "unet_1", "unet_2", "total"}  # 2 steps: 2 UNet calls
     assert all(v >= 0 for v in result.timings.values())
-    assert sum(result.timings[s] for s in STAGES) <= result.timings["total"] * 1.01
+
+
+@pytest.mark.parametrize("steps,guidance", [(1, 1.0), (4, 2.0)])
+def test_stage_timings_add_up_to_the_frame_time(tiny_model_dir: Path, steps: int, guidance: float) -> None:
+    """The stages account for the frame's measured time (within 10%); UNet calls sit inside `denoise`."""
+    denoiser = StreamDenoiser.from_pretrained(
+        "tiny", tiny_config(width=128, height=128, steps=steps, guidance_scale=guidance)
+    )
+    frame = square_photo(128)
+    for _ in range(3):  # warm up
+        denoiser.process(frame)
+    for _ in range(5):
+        start = time.perf_counter()
+        t = denoiser.process(frame).timings
+        measured = (time.perf_counter() - start) * 1000.0
+        stages = sum(t[s] for s in STAGES)
+        unets = [t[f"unet_{i + 1}"] for i in range(steps)]
+        assert abs(stages - measured) <= 0.1 * measured, (t, measured)
+        assert abs(t["total"] - measured) <= 0.1 * measured
+        assert 0 < sum(unets) <= t["denoise"] and f"unet_{steps + 1}" not in t
 
 
 def test_frame_size_change_mid_stream(tiny: StreamDenoiser) -> None:

@@ -1,5 +1,8 @@
 // Browser client of `stream`: camera -> WebRTC -> server (restyles each frame) -> video back.
 // The page is the offerer; settings go on the `control` data channel, stats come on `telemetry`.
+// With "Measure glass-to-glass latency" on, each camera frame is redrawn into a canvas with a frame-ID
+// stamp in its top-left corner (stream/stamp.py describes the layout); the server copies the stamp into
+// the processed frame and the page reads it back from the video it receives: one clock, both ends.
 
 const $ = (id) => document.getElementById(id);
 
@@ -10,7 +13,9 @@ const SLIDERS = [
   ["steps", "steps", 0],
   ["latent-feedback", "latent_feedback", 2],
 ];
-const STAGES = ["total", "preprocess", "encode", "denoise", "decode", "postprocess"];
+// Stage latencies in pipeline order; `unet_<i>` (one per UNet call) sit between denoise and handoff.
+// A stage the server reports that is not listed here is shown after these.
+const STAGES = ["total", "wait", "preprocess", "encode", "denoise", "handoff", "decode", "postprocess"];
 const DEFAULTS = {
   prompt: "", negative_prompt: "", strength: 0.5, guidance_scale: 1, steps: 4, seed: 0,
   latent_feedback: 0, width: 512, height: 512,
@@ -19,6 +24,75 @@ const TEXT_DELAY_MS = 300; // prompts are sent this long after typing stops
 const SLIDER_DELAY_MS = 80; // coalesces a drag into a few messages
 const ICE_CAP_MS = 3000;
 const DASH = "–";
+const KEEP_SAMPLES = 10000; // latency samples and received-frame times kept for window.streamApp
+const STATS_WINDOW = 240; // latencyStats() covers the newest this many samples
+const G2G_INTERVAL_MS = 333;
+
+// ---- frame-ID stamp: the same layout as stream/stamp.py (encode and decode) ----
+
+const STAMP_GRID = 4; // cells per side
+const STAMP_CELL = 16; // px per cell side
+const STAMP_PATCH = STAMP_GRID * STAMP_CELL; // px per patch side
+const STAMP_ID_BITS = 12;
+const STAMP_ID_MODULO = 1 << STAMP_ID_BITS;
+const STAMP_INSET = STAMP_CELL / 4; // a read averages the cell's central (CELL - 2 * INSET)^2 px
+
+function checkNibble(id) {
+  return ~((id & 0xf) ^ ((id >> 4) & 0xf) ^ ((id >> 8) & 0xf)) & 0xf;
+}
+
+function encodeWord(id) {
+  const n = ((id % STAMP_ID_MODULO) + STAMP_ID_MODULO) % STAMP_ID_MODULO;
+  return n | (checkNibble(n) << STAMP_ID_BITS);
+}
+
+function decodeWord(word) {
+  const id = word & (STAMP_ID_MODULO - 1);
+  return word >> STAMP_ID_BITS === checkNibble(id) ? id : null;
+}
+
+// Draws `id` (mod 4096) into the top-left STAMP_PATCH px of a 2D context: bit k in cell k = row * 4 + col, white = 1.
+function drawStamp(ctx, id) {
+  const word = encodeWord(id);
+  for (let k = 0; k < STAMP_GRID * STAMP_GRID; k++) {
+    const row = Math.floor(k / STAMP_GRID), col = k % STAMP_GRID;
+    ctx.fillStyle = (word >> k) & 1 ? "#fff" : "#000";
+    ctx.fillRect(col * STAMP_CELL, row * STAMP_CELL, STAMP_CELL, STAMP_CELL);
+  }
+}
+
+// The ID stamped in an ImageData (or any {data: RGBA bytes, width, height}), or null when there is none.
+// A cell is white when the mean over its central 8x8 px of (R + G + B) / 3 is above 127.5.
+function readStamp(image) {
+  const { data, width, height } = image;
+  if (!(width >= STAMP_PATCH && height >= STAMP_PATCH)) return null;
+  const side = STAMP_CELL - 2 * STAMP_INSET;
+  const threshold = 127.5 * 3 * side * side; // on the sum of R + G + B over the cell's centre
+  let word = 0;
+  for (let k = 0; k < STAMP_GRID * STAMP_GRID; k++) {
+    const row = Math.floor(k / STAMP_GRID), col = k % STAMP_GRID;
+    let sum = 0;
+    for (let y = row * STAMP_CELL + STAMP_INSET; y < (row + 1) * STAMP_CELL - STAMP_INSET; y++) {
+      let i = (y * width + col * STAMP_CELL + STAMP_INSET) * 4;
+      for (let x = 0; x < side; x++, i += 4) sum += data[i] + data[i + 1] + data[i + 2];
+    }
+    if (sum > threshold) word |= 1 << k;
+  }
+  return decodeWord(word);
+}
+
+// Linear-interpolated percentile of ascending `sorted` (numpy's default), q in [0, 1].
+function percentile(sorted, q) {
+  if (!sorted.length) return null;
+  const pos = (sorted.length - 1) * q;
+  const lo = Math.floor(pos), hi = Math.ceil(pos);
+  return sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo);
+}
+
+function pushBounded(list, item) {
+  list.push(item);
+  if (list.length > KEEP_SAMPLES) list.splice(0, list.length - KEEP_SAMPLES);
+}
 
 const state = {
   token: new URLSearchParams(location.search).get("token") || "",
@@ -34,8 +108,19 @@ const state = {
   session: "",
   statsTimer: 0,
   lastFrames: null,
+  stamper: null, // the canvas that stamps camera frames, while this session measures latency
+  sentSize: null, // {width, height} of the frames the stamper sends
+};
+// Glass-to-glass measurements, reset by each Start (window.streamApp exposes them).
+const g2g = {
+  sentAt: new Map(), // stamp ID -> performance.now() when drawn; taken out when first seen back
+  latency: [], // {id, ms, t}: ms from stamping to the stamped frame showing in #output, t when it showed
+  received: [], // performance.now() of every frame shown in #output
+  stampsSent: 0,
+  timer: 0,
 };
 const statCells = {};
+const stageCells = {}; // stage name -> its cell in the latency table
 const sendTimers = {};
 
 // ---- status line and connection pill ----
@@ -55,6 +140,7 @@ function setConnection(label) {
 function setRunning(running) {
   $("start").disabled = running;
   $("stop").disabled = !running;
+  $("latency-stamp").disabled = running; // read at Start
 }
 
 function errorMessage(err) {
@@ -150,41 +236,141 @@ function onControlMessage(data) {
 
 // ---- stats overlay ----
 
-// Two blocks: rates and counters (always shown), stage latencies (click the overlay to hide).
+// Two blocks: rates, counters and the glass-to-glass / budget / adaptive lines (always shown), and
+// stage latencies (click the overlay to hide).
 function buildStats() {
-  const block = (rows, cls) => {
-    const table = document.createElement("table");
-    table.className = cls;
-    for (const [key, label] of rows) {
-      const row = table.insertRow();
-      row.insertCell().textContent = label;
-      statCells[key] = row.insertCell();
-    }
-    return table;
+  const counters = document.createElement("table");
+  counters.className = "counters";
+  const rows = [["fps", "fps in / out"], ["browser", "browser fps"], ["drops", "drops"], ["skipped", "skipped"]];
+  for (const [key, label] of rows) {
+    const row = counters.insertRow();
+    row.insertCell().textContent = label;
+    statCells[key] = row.insertCell();
+  }
+  const summary = document.createElement("div");
+  summary.className = "summary";
+  const line = (id) => Object.assign(document.createElement("div"), { id, className: "line", hidden: true });
+  summary.append(counters, line("g2g"), line("budget"), line("adaptive"));
+  const latency = document.createElement("table");
+  latency.className = "detail";
+  $("stats").append(summary, latency);
+  buildStageRows(STAGES);
+}
+
+// Stage rows in pipeline order: the known stages, then unet_1..unet_k after denoise, then any others.
+function stageOrder(names) {
+  const rank = (name) => {
+    const unet = /^unet_(\d+)$/.exec(name);
+    if (unet) return [STAGES.indexOf("denoise") + 0.5, Number(unet[1])];
+    const i = STAGES.indexOf(name);
+    return [i < 0 ? STAGES.length : i, 0];
   };
-  const counters = [["fps", "fps in / out"], ["browser", "browser fps"], ["drops", "drops"], ["skipped", "skipped"]];
-  const latency = block([["head", "latency ms"], ...STAGES.map((stage) => [stage, stage])], "detail");
-  latency.rows[0].className = "head";
-  statCells.head.textContent = "p50 / p95";
-  $("stats").append(block(counters, "counters"), latency);
+  return [...names].sort((a, b) => {
+    const [ra, sa] = rank(a), [rb, sb] = rank(b);
+    return ra - rb || sa - sb || a.localeCompare(b);
+  });
+}
+
+function buildStageRows(names) {
+  const table = document.querySelector("#stats table.detail");
+  table.replaceChildren();
+  for (const key of Object.keys(stageCells)) delete stageCells[key];
+  const head = table.insertRow();
+  head.className = "head";
+  head.insertCell().textContent = "latency ms";
+  head.insertCell().textContent = "p50 / p95";
+  for (const name of stageOrder(names)) {
+    const row = table.insertRow();
+    if (name.startsWith("unet_")) row.className = "sub";
+    row.insertCell().textContent = name;
+    stageCells[name] = row.insertCell();
+    stageCells[name].textContent = `${DASH} / ${DASH}`;
+  }
 }
 
 function resetStats() {
-  for (const [key, cell] of Object.entries(statCells)) {
-    if (key !== "head") cell.textContent = key === "fps" || STAGES.includes(key) ? `${DASH} / ${DASH}` : DASH;
-  }
+  for (const [key, cell] of Object.entries(statCells)) cell.textContent = key === "fps" ? `${DASH} / ${DASH}` : DASH;
+  buildStageRows(STAGES);
+  for (const id of ["g2g", "budget", "adaptive"]) $(id).hidden = true;
 }
 
 const fmt = (x, decimals = 1) => (Number.isFinite(x) ? x.toFixed(decimals) : DASH);
 
 function renderTelemetry(t) {
   statCells.fps.textContent = `${fmt(t.fps_in)} / ${fmt(t.fps_out)}`;
-  for (const stage of STAGES) {
-    const l = t.latency_ms?.[stage];
-    statCells[stage].textContent = `${fmt(l?.p50)} / ${fmt(l?.p95)}`;
+  const latency = t.latency_ms && typeof t.latency_ms === "object" ? t.latency_ms : {};
+  const names = new Set([...STAGES, ...Object.keys(latency)]);
+  const shown = Object.keys(stageCells);
+  if (names.size !== shown.length || shown.some((name) => !names.has(name))) buildStageRows(names);
+  for (const [stage, cell] of Object.entries(stageCells)) {
+    const l = latency[stage];
+    cell.textContent = `${fmt(l?.p50)} / ${fmt(l?.p95)}`;
   }
   statCells.drops.textContent = fmt(t.drops, 0);
   statCells.skipped.textContent = fmt(t.skipped, 0);
+  renderBudget(t.budget);
+  renderAdaptive(t.adaptive);
+}
+
+// "budget 41.7 ms: holds" (class "holds") or "...: over" (class "over"); hidden for a server without it.
+function renderBudget(budget) {
+  const el = $("budget");
+  el.hidden = !(budget && typeof budget === "object");
+  if (el.hidden) return;
+  const verdict = budget.holds === true ? "holds" : budget.holds === false ? "over" : DASH;
+  el.textContent = `budget ${fmt(budget.budget_ms)} ms: ${verdict}`;
+  el.classList.toggle("holds", budget.holds === true);
+  el.classList.toggle("over", budget.holds === false);
+  el.title = `p95 ${fmt(budget.p95_ms)} ms against ${fmt(budget.budget_ms)} ms for ${fmt(budget.target_fps, 0)} fps`;
+}
+
+// "adaptive 4 steps, 256x256" and the newest change's reason; "adaptive off"; hidden for a server without it.
+function renderAdaptive(adaptive) {
+  const el = $("adaptive");
+  el.hidden = !(adaptive && typeof adaptive === "object");
+  if (el.hidden) return;
+  if (adaptive.enabled === false) {
+    el.textContent = "adaptive off";
+    el.title = "";
+    return;
+  }
+  const size = Number.isFinite(adaptive.width) && Number.isFinite(adaptive.height)
+    ? `${adaptive.width}x${adaptive.height}` : DASH;
+  const level = Number.isFinite(adaptive.level) && Number.isFinite(adaptive.levels)
+    ? `level ${adaptive.level + 1} of ${adaptive.levels}; ` : "";
+  const changes = Array.isArray(adaptive.changes) ? adaptive.changes : [];
+  const last = changes[changes.length - 1];
+  const head = document.createElement("div");
+  const steps = adaptive.steps === 1 ? "1 step" : `${fmt(adaptive.steps, 0)} steps`;
+  head.textContent = `adaptive ${steps}, ${size}`;
+  el.replaceChildren(head);
+  if (last?.reason) {
+    const reason = document.createElement("div");
+    reason.className = "reason";
+    reason.textContent = Number.isFinite(last.at) ? `${fmt(last.at)} s: ${last.reason}` : String(last.reason);
+    el.append(reason);
+  }
+  el.title = `${level}${changes.length ? `${changes.length} change(s) so far` : "no changes so far"}`;
+}
+
+function renderG2G() {
+  const el = $("g2g");
+  el.hidden = !state.stamper;
+  if (el.hidden) return;
+  const { p50, p95 } = latencyStats();
+  el.textContent = `glass-to-glass p50 ${fmt(p50, 0)} ms / p95 ${fmt(p95, 0)} ms`;
+  el.title = `${g2g.latency.length} stamped frame(s) back of ${g2g.stampsSent} sent`;
+}
+
+// Percentiles of the newest STATS_WINDOW glass-to-glass samples (null when there are none).
+function latencyStats() {
+  const sorted = g2g.latency.slice(-STATS_WINDOW).map((s) => s.ms).sort((a, b) => a - b);
+  return {
+    count: sorted.length,
+    p50: percentile(sorted, 0.5),
+    p95: percentile(sorted, 0.95),
+    p99: percentile(sorted, 0.99),
+  };
 }
 
 // Frames the browser itself decoded per second, from the inbound video RTP stats.
@@ -254,6 +440,78 @@ function bindVideo(video) {
   video.addEventListener("playing", () => video.parentElement.classList.add("live"));
 }
 
+// Calls `onFrame(now)` once per new frame of `video` until the returned function is called:
+// requestVideoFrameCallback where there is one, else every animation frame (that shows a new frame
+// when the browser counts them).
+function everyVideoFrame(video, onFrame) {
+  let handle = 0;
+  let stopped = false;
+  if ("requestVideoFrameCallback" in HTMLVideoElement.prototype) {
+    const tick = (now, meta) => {
+      if (stopped) return;
+      handle = video.requestVideoFrameCallback(tick);
+      onFrame(now, meta);
+    };
+    handle = video.requestVideoFrameCallback(tick);
+    return () => { stopped = true; video.cancelVideoFrameCallback(handle); };
+  }
+  let lastCount = -1;
+  const tick = (now) => {
+    if (stopped) return;
+    handle = requestAnimationFrame(tick);
+    if (video.readyState < 2) return;
+    const count = video.getVideoPlaybackQuality?.().totalVideoFrames;
+    if (count !== undefined && count > 0 && count === lastCount) return;
+    lastCount = count ?? -1;
+    onFrame(now, null);
+  };
+  handle = requestAnimationFrame(tick);
+  return () => { stopped = true; cancelAnimationFrame(handle); };
+}
+
+// Redraws each new camera frame shown in `video` into a canvas of the camera's size with the next
+// frame ID stamped in, and sends exactly that frame on the returned track.
+function startStamper(video) {
+  const canvas = document.createElement("canvas");
+  const ctx = canvas.getContext("2d", { alpha: false });
+  const track = canvas.captureStream(0).getVideoTracks()[0];
+  let next = 1;
+  const stopFrames = everyVideoFrame(video, () => {
+    const { videoWidth: width, videoHeight: height } = video;
+    if (!(width >= STAMP_PATCH && height >= STAMP_PATCH) || track.readyState !== "live") return;
+    if (canvas.width !== width || canvas.height !== height) Object.assign(canvas, { width, height });
+    ctx.drawImage(video, 0, 0, width, height);
+    const id = next;
+    next = (next + 1) % STAMP_ID_MODULO;
+    drawStamp(ctx, id);
+    g2g.sentAt.set(id, performance.now());
+    track.requestFrame();
+    g2g.stampsSent++;
+    state.sentSize = { width, height };
+  });
+  return { track, stop: () => { stopFrames(); track.stop(); } };
+}
+
+// Every frame shown in #output: its time, and (while measuring) the stamp it carries.
+function watchOutput(video) {
+  const patch = document.createElement("canvas");
+  patch.width = patch.height = STAMP_PATCH;
+  const ctx = patch.getContext("2d", { willReadFrequently: true });
+  everyVideoFrame(video, (now) => {
+    pushBounded(g2g.received, now);
+    const sent = state.sentSize;
+    if (!state.stamper || !sent || !video.videoWidth || !video.videoHeight) return;
+    // The patch is STAMP_PATCH px of the sent frame: scale by how the frame was resized on the way.
+    const sx = video.videoWidth / sent.width, sy = video.videoHeight / sent.height;
+    ctx.drawImage(video, 0, 0, STAMP_PATCH * sx, STAMP_PATCH * sy, 0, 0, STAMP_PATCH, STAMP_PATCH);
+    const id = readStamp(ctx.getImageData(0, 0, STAMP_PATCH, STAMP_PATCH));
+    if (id === null || !g2g.sentAt.has(id)) return;
+    const ms = now - g2g.sentAt.get(id);
+    g2g.sentAt.delete(id); // first sighting only; the ID is stamped again 4096 frames later
+    pushBounded(g2g.latency, { id, ms, t: now });
+  });
+}
+
 async function switchCamera() {
   const pc = state.pc;
   if (!pc || !state.stream) return; // not running: the choice is used at the next Start
@@ -261,7 +519,8 @@ async function switchCamera() {
   try {
     const stream = await openCamera($("camera").value);
     if (run !== state.run) return stopTracks(stream);
-    const sender = pc.getSenders().find((s) => s.track?.kind === "video");
+    // While stamping, the sender's track is the stamper's canvas, which draws whatever #input shows.
+    const sender = state.stamper ? null : pc.getSenders().find((s) => s.track?.kind === "video");
     await sender?.replaceTrack(stream.getVideoTracks()[0]);
     if (run !== state.run) return stopTracks(stream);
     stopTracks(state.stream);
@@ -339,6 +598,7 @@ async function start() {
   }
   const run = ++state.run;
   const stale = () => run !== state.run;
+  const stamping = $("latency-stamp").checked;
   setRunning(true);
   setConnection("connecting");
   try {
@@ -350,15 +610,23 @@ async function start() {
     showVideo($("input"), stream);
     const track = stream.getVideoTracks()[0];
     refreshCameras(track.getSettings().deviceId).catch(() => {}); // labels appear after permission
+    resetLatency();
+    if (stamping) {
+      state.stamper = startStamper($("input"));
+      g2g.timer = setInterval(renderG2G, G2G_INTERVAL_MS);
+      renderG2G();
+    }
 
     // 2. peer connection: one sendrecv video transceiver, two data channels, then the offer
     const pc = new RTCPeerConnection({ iceServers: state.iceServers || [] });
     state.pc = pc;
     pc.onconnectionstatechange = () => onConnectionState(pc);
     pc.ontrack = (e) => {
-      if (e.track.kind === "video") showVideo($("output"), e.streams[0] || new MediaStream([e.track]));
+      if (e.track.kind !== "video") return;
+      lowLatency(e.receiver);
+      showVideo($("output"), e.streams[0] || new MediaStream([e.track]));
     };
-    pc.addTransceiver(track, { direction: "sendrecv" });
+    const { sender } = pc.addTransceiver(state.stamper?.track || track, { direction: "sendrecv" });
     state.control = pc.createDataChannel("control", { ordered: true });
     wireChannels(state.control, pc.createDataChannel("telemetry", { ordered: true }));
     setStatus("Connecting to the server…");
@@ -369,11 +637,14 @@ async function start() {
     // 3. signaling: the full local description (all candidates) plus the settings changed so far
     const body = { sdp: pc.localDescription.sdp, type: pc.localDescription.type };
     if (Object.keys(state.edited).length) body.settings = { ...state.edited };
+    if (state.stamper) body.stamp = true; // the server copies each input frame's stamp into its output
     state.unsent = {};
     const answer = await postOffer(body);
     if (stale()) return;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     state.session = answer.session || "";
+    if (state.stamper) await keepResolution(sender);
+    if (stale()) return;
     setStatus(`Session ${state.session} negotiated; waiting for video…`);
     state.statsTimer = setInterval(() => pollBrowserFps(pc), 1000);
   } catch (err) {
@@ -381,9 +652,29 @@ async function start() {
   }
 }
 
+// A stamp read back must line up with the cells drawn: ask the encoder to drop frames, not pixels.
+async function keepResolution(sender) {
+  try {
+    const params = sender.getParameters();
+    params.degradationPreference = "maintain-resolution";
+    await sender.setParameters(params);
+  } catch { /* not supported here: a downscale is still read back, scaled */ }
+}
+
+function resetLatency() {
+  g2g.sentAt.clear();
+  g2g.latency = [];
+  g2g.received = [];
+  g2g.stampsSent = 0;
+  state.sentSize = null;
+}
+
 function stop(message = "Stopped. Press Start to go again.", kind = "info") {
   state.run++;
   clearInterval(state.statsTimer);
+  clearInterval(g2g.timer);
+  state.stamper?.stop();
+  state.stamper = null;
   const pc = state.pc;
   state.pc = null;
   state.control = null;
@@ -434,6 +725,7 @@ function init() {
   bindControls();
   bindVideo($("input"));
   bindVideo($("output"));
+  watchOutput($("output"));
   setRunning(false);
   navigator.mediaDevices?.addEventListener?.("devicechange", () => refreshCameras().catch(() => {}));
   refreshCameras().catch(() => {});
@@ -446,6 +738,26 @@ window.streamApp = {
   start,
   stop,
   sendSettings,
+  // glass-to-glass latency (with "Measure glass-to-glass latency" on; reset by each Start)
+  get latency() { return g2g.latency; }, // [{id, ms, t}], the newest KEEP_SAMPLES
+  get received() { return g2g.received; }, // performance.now() of each frame shown in #output
+  get stampsSent() { return g2g.stampsSent; },
+  latencyStats,
+  renderTelemetry, // draws one telemetry message into the overlay (for tests)
+  stamp: {
+    PATCH: STAMP_PATCH, GRID: STAMP_GRID, CELL: STAMP_CELL, draw: drawStamp, read: readStamp, encodeWord, decodeWord,
+  },
 };
 
 init();
+
+// Live video: show each frame as soon as it is decoded instead of buffering for smoothness
+// (Chromium's jitter buffer otherwise holds frames back by up to a few hundred ms).
+function lowLatency(receiver) {
+  try {
+    if ("jitterBufferTarget" in receiver) receiver.jitterBufferTarget = 0;
+    else if ("playoutDelayHint" in receiver) receiver.playoutDelayHint = 0;
+  } catch (err) {
+    console.warn("could not lower the receiver's jitter buffer:", err);
+  }
+}

@@ -1,0 +1,221 @@
+"""benchmarks/compare_diffusers.py and benchmarks/temporal.py, run in-process on the tiny model at 64x64."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from benchmarks import compare_diffusers
+from benchmarks import temporal as temporal_bench
+from benchmarks.clips import photo_clip
+
+QUICK = [
+    "--model",
+    "tiny",
+    "--device",
+    "cpu",
+    "--width",
+    "64",
+    "--height",
+    "64",
+    "--frames",
+    "6",
+    "--warmup",
+    "1",
+]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def last_json(out: str) -> dict[str, Any]:
+    lines = out.strip().splitlines()
+    assert lines, "no output"
+    return json.loads(lines[-1])
+
+
+def assert_png(path: Path) -> None:
+    assert path.is_file() and path.stat().st_size > 1000
+    assert path.read_bytes()[:8] == PNG_MAGIC
+
+
+def assert_one_line_error(err: str, *words: str) -> None:
+    lines = [line for line in err.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert "error" in lines[0]
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------- clips
+def test_pan_clip_moves_by_a_known_step() -> None:
+    clip = photo_clip("pan", 5, (48, 64), step=3)
+    assert len(clip) == 5 and all(f.shape == (48, 64, 3) and f.dtype == np.uint8 for f in clip)
+    for a, b in zip(clip, clip[1:], strict=False):
+        assert np.array_equal(b[:, :-3], a[:, 3:])  # the picture moves 3 px left a frame
+
+
+def test_static_clip_has_camera_noise_of_sigma_2_and_zoom_magnifies() -> None:
+    static = photo_clip("static", 4, (64, 64), seed=1)
+    diff = static[1].astype(np.float32) - static[0].astype(np.float32)
+    assert 2.0 < diff.std() < 3.6  # two independent sigma-2 noises: sqrt(8) ~ 2.8
+    assert np.array_equal(photo_clip("static", 4, (64, 64), seed=1)[3], static[3])  # seeded
+    zoom = photo_clip("zoom", 3, (64, 64), zoom_rate=0.05)
+    assert not np.array_equal(zoom[0], zoom[2])
+    # Zooming about the centre: the centre pixel stays (nearly) where it was.
+    assert np.abs(zoom[0][31:33, 31:33].astype(int) - zoom[2][31:33, 31:33].astype(int)).mean() < 12
+
+
+def test_clip_refuses_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="clip kind"):
+        photo_clip("spin", 3, (64, 64))
+    with pytest.raises(ValueError, match="photo must be one of"):
+        photo_clip("pan", 3, (64, 64), photo="moon")
+    with pytest.raises(ValueError, match="at least 1 frame"):
+        photo_clip("pan", 0, (64, 64))
+
+
+# ---------------------------------------------------------------------- compare_diffusers
+def test_compare_diffusers_quick_run(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    png = tmp_path / "latency.png"
+    argv = [*QUICK, "--steps", "2", "--guidance", "2", "--plot", str(png)]
+    assert compare_diffusers.main(argv) == 0
+    out = capsys.readouterr().out
+    report = last_json(out)
+    assert report["benchmark"] == "compare_diffusers"
+    assert report["command"] == "python -m benchmarks.compare_diffusers " + " ".join(argv)
+    for key in ("model", "device", "torch", "diffusers", "cpu", "ratio_p50", "unet_calls_per_frame"):
+        assert key in report
+    assert report["random_weights"] and "tiny" in report["model"] and report["cfg"]
+    for name in ("stream", "pipeline", "pipeline_cached_prompt"):
+        stats = report[name]
+        for key in ("p50_ms", "p95_ms", "p99_ms", "fps"):
+            assert math.isfinite(stats[key]) and stats[key] > 0, (name, key, stats)
+        assert stats["p50_ms"] <= stats["p95_ms"] <= stats["p99_ms"]
+    for ratio in report["ratio_p50"].values():
+        assert math.isfinite(ratio) and ratio > 0
+    # The pipeline ran exactly as many UNet calls (CFG batched) per frame as the stream: 2 steps.
+    assert report["pipeline_num_inference_steps"] == 4  # int(4 * 0.5) = 2 of a 4-step DDIM grid
+    assert report["unet_calls_per_frame"] == {"stream": 2, "pipeline": 2, "pipeline_cached_prompt": 2}
+    assert report["same_unet_steps"] is True
+    header = out.splitlines()[0]
+    assert "random weights" in header and "only the numbers" in header
+    assert "same number of UNet calls per frame: yes" in out
+    assert "fake" not in out.lower()
+    assert_png(png)
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--frames", "0"], ("--frames", "at least 1")),
+        (["--warmup", "-1"], ("--warmup",)),
+        (["--width", "60"], ("width",)),
+        (["--model", "/no/such/model"], ("does not exist",)),
+        (["--no-such-flag"], ("unrecognized",)),
+    ],
+)
+def test_compare_diffusers_bad_input(
+    extra: list[str], words: tuple[str, ...], capsys: pytest.CaptureFixture
+) -> None:
+    assert compare_diffusers.main([*QUICK, *extra]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, *words)
+    assert captured.out == ""
+
+
+def test_plot_without_matplotlib_says_how_to_install(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    for bench in (compare_diffusers, temporal_bench):
+        assert bench.main([*QUICK, "--plot", str(tmp_path / "x.png")]) == 2
+        assert_one_line_error(capsys.readouterr().err, "pip install matplotlib")
+
+
+# ---------------------------------------------------------------------- temporal
+def test_flow_follows_the_pan_and_explains_the_input_better_than_random_frames() -> None:
+    clip = photo_clip("pan", 4, (64, 96), step=4)
+    warps = temporal_bench.input_warps(clip)
+    for warp in warps:
+        shift = warp.map_x - np.arange(96, dtype=np.float32)[None, :]
+        assert abs(float(np.median(shift[warp.valid])) - 4.0) < 0.5  # frame t-1 holds x at x + 4
+        assert warp.valid.mean() > 0.7  # only the strip that entered on the right is masked
+        assert not warp.valid[:, -2:].any()  # ...which warps from outside the previous frame
+    floor = np.mean(temporal_bench.warp_errors(clip, warps))
+    rng = np.random.default_rng(0)
+    noise = [rng.integers(0, 256, f.shape, dtype=np.uint8) for f in clip]
+    control = np.mean(temporal_bench.warp_errors(noise, warps))
+    shuffled = np.mean(temporal_bench.warp_errors(clip[::-1], warps))  # right frames, wrong order
+    assert floor < 3.0 < 20.0 < control
+    assert floor < shuffled / 3
+
+
+def test_temporal_quick_run(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    png = tmp_path / "temporal.png"
+    argv = [*QUICK, "--feedback", "0.6", "--plot", str(png)]
+    assert temporal_bench.main(argv) == 0
+    out = capsys.readouterr().out
+    report = last_json(out)
+    assert report["benchmark"] == "temporal" and report["command"].endswith(" ".join(argv))
+    for key in ("model", "device", "torch", "diffusers", "cpu", "moving", "static", "noise", "seed"):
+        assert key in report
+    assert report["feedback"] == 0.6 and report["noise"] == "fixed" and report["motion"] == "pan"
+    moving, static = report["moving"], report["static"]
+    values = [
+        moving["input_warp_error"],
+        *moving["warp_error"].values(),
+        static["input_change"],
+        *static["change"].values(),
+    ]
+    assert all(math.isfinite(v) and v >= 0 for v in values), values
+    assert set(moving["warp_error"]) == set(static["change"]) == {"feedback_off", "feedback_on"}
+    assert 0 <= moving["occluded_fraction"] < 0.5
+    assert 1.0 < static["input_change"] < 3.5  # the camera noise (sigma 2, rounded, clipped)
+    assert moving["input_warp_error"] < 5.0  # the flow explains the panned input almost fully
+    header = out.splitlines()[0]
+    assert "random weights" in header and "fake" not in out.lower()
+    assert "noise fixed" in out
+    assert_png(png)
+
+
+def test_temporal_zoom_runs(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [*QUICK, "--frames", "3", "--warmup", "0", "--motion", "zoom", "--steps", "1"]
+    assert temporal_bench.main(argv) == 0
+    report = last_json(capsys.readouterr().out)
+    assert report["motion"] == "zoom" and report["zoom_rate"] == 0.01
+    assert math.isfinite(report["moving"]["warp_error"]["feedback_on"])
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--frames", "1"], ("--frames", "at least 2")),
+        (["--feedback", "0"], ("--feedback", "(0, 1)")),
+        (["--feedback", "1.5"], ("--feedback",)),
+        (["--motion", "spin"], ("--motion",)),
+        (["--strength", "2"], ("strength",)),
+    ],
+)
+def test_temporal_bad_input(extra: list[str], words: tuple[str, ...], capsys: pytest.CaptureFixture) -> None:
+    assert temporal_bench.main([*QUICK, *extra]) == 2
+    captured = capsys.readouterr()
+    assert_one_line_error(captured.err, *words)
+    assert captured.out == ""
+
+
+def test_help_explains_the_flags(capsys: pytest.CaptureFixture) -> None:
+    for bench, words in (
+        (compare_diffusers, ("--warmup", "python -m benchmarks.compare_diffusers")),
+        (temporal_bench, ("--feedback", "python -m benchmarks.temporal")),
+    ):
+        assert bench.main(["--help"]) == 0
+        out = capsys.readouterr().out
+        for word in words:
+            assert word in out
