@@ -17,7 +17,7 @@ import cv2
 
 from stream import __version__
 from stream.bench import PHOTOS, BenchError
-from stream.capture import SinkError, SourceError, open_sink, open_source
+from stream.capture import SinkError, SourceError, VirtualCamSink, open_sink, open_source
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
 from stream.denoiser import STAGES, ModelError, StreamDenoiser, load_model
 from stream.monitor import AdaptiveController, LatencyMonitor, RollingStats, build_ladder
@@ -159,6 +159,18 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="close a session after this many seconds without video",
     )
+    serve.add_argument(
+        "--max-viewers", type=int, default=16, help="WHEP viewers at once (OBS browser sources, /view pages)"
+    )
+    serve.add_argument(
+        "--virtualcam",
+        action="store_true",
+        help="also send the newest session's output to a virtual camera (OBS Virtual Camera, "
+        "v4l2loopback); needs the `obs` extra: pip install 'stream[obs]'",
+    )
+    serve.add_argument(
+        "--virtualcam-device", default=None, metavar="DEVICE", help="virtual camera device, e.g. /dev/video7"
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log more (sessions, model loading)")
     add_budget_arguments(serve, "on")
     add_config_arguments(serve)
@@ -176,7 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="`webcam:N` (camera index N), a video file path, or `synthetic` (a moving test pattern)",
     )
     run.add_argument(
-        "--sink", required=True, help="a video file path (.mp4, .mkv, .webm, .mov, .avi) or `window`"
+        "--sink",
+        required=True,
+        help="a video file path (.mp4, .mkv, .webm, .mov, .avi), `window`, or `virtualcam` (OBS Virtual "
+        "Camera / v4l2loopback; needs pip install 'stream[obs]')",
+    )
+    run.add_argument(
+        "--virtualcam-device", default=None, metavar="DEVICE", help="with --sink virtualcam: e.g. /dev/video7"
     )
     run.add_argument(
         "--frames",
@@ -253,11 +271,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"--frames must be a positive number of frames, got {args.frames}")
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise UsageError(f"--fps must be > 0, got {args.fps}")
+    if args.virtualcam_device and not args.sink.lower().startswith("virtualcam"):
+        raise UsageError("--virtualcam-device goes with --sink virtualcam")
     source = open_source(args.source, config.width, config.height, args.fps)
     sink = None
     try:
         fps = float(getattr(source, "fps", 0.0) or args.fps)
-        sink = open_sink(args.sink, fps)
+        sink = open_sink(args.sink, fps, device=args.virtualcam_device)
         # 2. load the model and encode the prompt once
         denoiser = StreamDenoiser.from_pretrained(config.model, config)  # logs a warning for placeholders
         # 3. frame loop, with the budget kept by the adaptive controller when it is on
@@ -293,6 +313,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError("--token must not be empty")
     for url in args.ice_server:
         parse_ice_server(url)
+    if args.max_viewers < 0:
+        raise UsageError(f"--max-viewers must be 0 or more, got {args.max_viewers}")
+    if args.virtualcam_device and not args.virtualcam:
+        raise UsageError("--virtualcam-device needs --virtualcam")
+    virtualcam = VirtualCamSink(args.target_fps, args.virtualcam_device) if args.virtualcam else None
     # 2. load the model once; each session gets its own StreamDenoiser over the shared components
     print(f"stream: loading model {config.model} ...", file=sys.stderr, flush=True)
     components = load_model(config)
@@ -307,13 +332,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         idle_timeout=args.idle_timeout,
         target_fps=args.target_fps,
         adaptive=args.adaptive == "on",
+        max_viewers=args.max_viewers,
+        virtualcam=virtualcam,
     )
     url = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
     print(f"stream: serving {components.name} on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    base = f"http://{args.host}:{args.port}"
+    print(
+        f"stream: OBS: WHIP server {base}/whip, browser source {base}/view"
+        + (f", virtual camera {virtualcam.device or 'on'}" if virtualcam is not None else ""),
+        file=sys.stderr,
+        flush=True,
+    )
     try:
         web.run_app(server.app(), host=args.host, port=args.port, print=None)
     except OSError as exc:
         raise UsageError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    finally:
+        if virtualcam is not None:
+            virtualcam.close()
     return 0
 
 

@@ -32,6 +32,7 @@ from aiortc import (
     RTCPeerConnection,
     RTCSessionDescription,
 )
+from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -39,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from stream import stamp
-from stream.capture import LatestFrameSlot
+from stream.capture import FrameSink, LatestFrameSlot, SinkError
 from stream.config import ConfigError, StreamConfig
 from stream.denoiser import Components, FrameResult, StreamDenoiser, release_device_memory
 from stream.monitor import AdaptiveController, LatencyMonitor, build_ladder
@@ -48,6 +49,14 @@ logger = logging.getLogger(__name__)
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY = 64 * 1024
+SDP = "application/sdp"
+# WHIP/WHEP answers are read by OBS and by pages on other origins.
+CORS = {
+    "Access-Control-Allow-Origin": "*",
+    "Access-Control-Allow-Methods": "POST, DELETE, OPTIONS",
+    "Access-Control-Allow-Headers": "Authorization, Content-Type",
+    "Access-Control-Expose-Headers": "Location, Link",
+}
 TELEMETRY_INTERVAL = 0.33  # seconds: about 3 messages a second
 # What the page may change live, with the names it uses; anything else is refused.
 LIVE_SETTINGS = (
@@ -94,8 +103,10 @@ class Session:
         target_fps: float = 24.0,
         adaptive: bool = True,
         stamp: bool = False,
+        kind: str = "browser",
     ) -> None:
         self.id = session_id
+        self.kind = kind  # "browser" (POST /offer) or "whip" (POST /whip: OBS and other encoders)
         self.pc = pc
         self.config = config  # the user's settings, validated; the worker applies them before the next frame
         self.applied: StreamConfig | None = None  # what the worker's denoiser runs with (adaptive level)
@@ -104,6 +115,8 @@ class Session:
         self.inputs: LatestFrameSlot[tuple[av.VideoFrame, float]] = LatestFrameSlot()  # (frame, arrival)
         self.output: Processed | None = None
         self.output_ready = asyncio.Event()
+        self.source: ProcessedTrack | None = None  # read once, relayed to the page and every WHEP viewer
+        self.viewers: dict[str, Viewer] = {}
         self.monitor = LatencyMonitor(target_fps)
         self.adaptive = AdaptiveController(
             self.monitor.budget_ms, build_ladder(config.steps, config.width, config.height), enabled=adaptive
@@ -144,11 +157,24 @@ class Session:
         self.monitor.drops = self.inputs.drops
         return {
             "session": self.id,
+            "kind": self.kind,
+            "viewers": len(self.viewers),
             **self.monitor.snapshot(),
             "adaptive": self.adaptive.snapshot(),
             "stamp": self.stamp,
             "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
         }
+
+
+@dataclasses.dataclass
+class Viewer:
+    """A WHEP playback peer: receives one session's processed output through the relay."""
+
+    id: str
+    session: Session
+    pc: RTCPeerConnection
+    track: MediaStreamTrack
+    closed: bool = False
 
 
 class ModelWorker:
@@ -160,9 +186,11 @@ class ModelWorker:
         loop: asyncio.AbstractEventLoop,
         fallback: StreamConfig,
         on_frame: Callable[[float], None] | None = None,
+        on_output: Callable[[Session, np.ndarray], None] | None = None,
     ) -> None:
         self.factory = factory
         self.on_frame = on_frame  # called with each processed frame's model time in seconds
+        self.on_output = on_output  # called with each processed frame (the virtual camera), on this thread
         self.fallback = fallback  # the server's settings, for a session whose own cannot run
         self.loop = loop
         self.sessions: dict[str, Session] = {}
@@ -258,6 +286,11 @@ class ModelWorker:
                     change["to"],
                     change["reason"],
                 )
+        if self.on_output is not None:
+            try:
+                self.on_output(session, out)
+            except Exception:  # the virtual camera failing must not stop the stream
+                logger.exception("session %s: publishing a frame failed", session.id)
         timings = {**result.timings, "wait": waited}
         processed = Processed(
             out, int(frame.pts or 0), frame.time_base or Fraction(1, 90000), time.perf_counter()
@@ -288,7 +321,10 @@ class ProcessedTrack(MediaStreamTrack):
             if session.output is not None:
                 break
         out = session.output
-        frame = av.VideoFrame.from_ndarray(out.frame, format="rgb24")
+        # Converted to the encoders' yuv420p here, once: the relay hands this one frame to every consumer's
+        # encoder thread, and a frame that each encoder had to convert itself would share PyAV's
+        # converter between threads (which breaks the second viewer's stream).
+        frame = av.VideoFrame.from_ndarray(out.frame, format="rgb24").reformat(format="yuv420p")
         frame.pts, frame.time_base = session.output_pts(out.pts), out.time_base
         session.monitor.sample("handoff", (time.perf_counter() - out.ready) * 1000.0)
         return frame
@@ -310,8 +346,15 @@ class StreamServer:
         idle_timeout: float = 30.0,
         target_fps: float = 24.0,
         adaptive: bool = True,
+        max_viewers: int = 16,
+        virtualcam: FrameSink | None = None,
     ) -> None:
         self.config = config
+        self.max_viewers = max_viewers
+        self.virtualcam = virtualcam  # gets the output of the newest session (`published`)
+        self.published: Session | None = None
+        self.relay = MediaRelay()
+        self.viewers: dict[str, Viewer] = {}
         self.target_fps = LatencyMonitor(target_fps).target_fps  # validated
         self.adaptive = adaptive
         self.factory = factory
@@ -354,6 +397,16 @@ class StreamServer:
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/offer", self.offer)
+        app.router.add_get("/view", self.view)
+        # WHIP (RFC 9725) ingest and WHEP playback; no trickle ICE: offers carry all their candidates
+        app.router.add_post("/whip", self.whip)
+        app.router.add_delete("/whip/{session}", self.whip_delete)
+        app.router.add_post("/whep", self.whep)
+        app.router.add_post("/whep/{session}", self.whep)
+        app.router.add_delete("/whep/{session}/{viewer}", self.whep_delete)
+        for path in ("/whip", "/whip/{session}", "/whep", "/whep/{session}", "/whep/{session}/{viewer}"):
+            app.router.add_route("OPTIONS", path, self.preflight)
+            app.router.add_route("PATCH", path, self.no_trickle)
         if WEB_DIR.is_dir():
             app.router.add_static("/static", WEB_DIR, follow_symlinks=False)
         app.on_startup.append(self._startup)
@@ -362,7 +415,11 @@ class StreamServer:
 
     async def _startup(self, app: web.Application) -> None:
         self.worker = ModelWorker(
-            self.factory, asyncio.get_running_loop(), self.config, on_frame=self.frame_seconds.observe
+            self.factory,
+            asyncio.get_running_loop(),
+            self.config,
+            on_frame=self.frame_seconds.observe,
+            on_output=self._publish if self.virtualcam is not None else None,
         )
         self.worker.start()
         self._reaper = asyncio.create_task(self._reap())
@@ -393,7 +450,10 @@ class StreamServer:
     async def _auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if self.token and request.path in ("/offer", "/stats", "/metrics"):
+        guarded = request.path in ("/offer", "/stats", "/metrics") or request.path.startswith(
+            ("/whip", "/whep")
+        )
+        if self.token and guarded and request.method != "OPTIONS":  # CORS preflights carry no token
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {self.token}".encode()
             if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
@@ -467,21 +527,25 @@ class StreamServer:
         stamped = body.get("stamp", False)
         if not isinstance(stamped, bool):
             return _error(400, f"stamp must be true or false, got {stamped!r}")
-        try:
-            kinds = [media.kind for media in SessionDescription.parse(body["sdp"]).media]
-        except Exception as exc:  # aiortc's parser asserts on malformed lines
-            return _error(400, f"invalid SDP offer: {exc or type(exc).__name__}")
-        if not kinds:
-            return _error(400, "invalid SDP offer: it has no media sections (m= lines)")
-        if "video" not in kinds:
-            return _error(400, "the offer has no video track: send the camera as a video track")
+        problem = _check_offer(body["sdp"])
+        if problem:
+            return _error(400, problem)
         try:
             config = apply_settings(self.config, body.get("settings") or {})
         except ConfigError as exc:
             return _error(400, f"bad settings: {exc}")
+        started = await self.start_session(body["sdp"], config, stamp=stamped)
+        if isinstance(started, web.Response):
+            return started
+        answer = started.pc.localDescription
+        return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": started.id})
+
+    async def start_session(
+        self, sdp: str, config: StreamConfig, *, stamp: bool = False, kind: str = "browser"
+    ) -> Session | web.Response:
+        """Negotiate a new session from a checked offer; an error response when it cannot start."""
         if len(self.sessions) >= self.max_sessions:
             return _error(503, f"the server is full: {self.max_sessions} sessions at once; try again later")
-        # 2. negotiate
         pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
         session = Session(
             secrets.token_urlsafe(8),
@@ -489,13 +553,14 @@ class StreamServer:
             config,
             target_fps=self.target_fps,
             adaptive=self.adaptive,
-            stamp=stamped,
+            stamp=stamp,
+            kind=kind,
         )
         self.sessions_started += 1
         self.sessions[session.id] = session  # holds its place while negotiating (closing frees it)
         self._wire(session)
         try:
-            await pc.setRemoteDescription(RTCSessionDescription(sdp=body["sdp"], type="offer"))
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
             answer = await pc.createAnswer()
             await pc.setLocalDescription(answer)
         except Exception as exc:  # aiortc raises ValueError, KeyError, ... on malformed SDP
@@ -506,10 +571,148 @@ class StreamServer:
             return _error(400, "the offer has no video track: send the camera as a video track")
         assert self.worker is not None
         self.worker.add(session)
-        logger.info("session %s started (%d/%d)", session.id, len(self.sessions), self.max_sessions)
-        return web.json_response(
-            {"sdp": pc.localDescription.sdp, "type": pc.localDescription.type, "session": session.id}
+        self.published = session
+        logger.info("%s session %s started (%d/%d)", kind, session.id, len(self.sessions), self.max_sessions)
+        return session
+
+    # ------------------------------------------------------------------ WHIP, WHEP, /view
+    async def view(self, request: web.Request) -> web.StreamResponse:
+        page = WEB_DIR / "view.html"
+        if not page.is_file():
+            return _error(404, "the viewer page is not installed (web/view.html is missing)")
+        return web.FileResponse(page)
+
+    async def whip(self, request: web.Request) -> web.Response:
+        """WHIP ingest (RFC 9725): an SDP offer in, 201 with the answer and the session's Location."""
+        sdp = await _read_sdp(request)
+        if isinstance(sdp, web.Response):
+            return sdp
+        problem = _check_offer(sdp)
+        if problem:
+            return _error(400, problem, cors=True)
+        started = await self.start_session(sdp, self.config, kind="whip")
+        if isinstance(started, web.Response):
+            started.headers.update(CORS)
+            return started
+        return self._created(started.pc, f"/whip/{started.id}")
+
+    async def whip_delete(self, request: web.Request) -> web.Response:
+        session = self.sessions.get(request.match_info["session"])
+        if session is None or session.kind != "whip":
+            return _error(
+                404, f"no WHIP session {request.match_info['session']!r} (ended already?)", cors=True
+            )
+        await self.close_session(session, "ended by its WHIP client (DELETE)")
+        return web.Response(status=200, headers=CORS)
+
+    async def whep(self, request: web.Request) -> web.Response:
+        """WHEP playback: an SDP offer in, 201 with an answer that sends a session's processed output."""
+        sdp = await _read_sdp(request)
+        if isinstance(sdp, web.Response):
+            return sdp
+        wanted = request.match_info.get("session")
+        if wanted is not None:
+            session = self.sessions.get(wanted)
+            if session is None:
+                return _error(404, f"no session {wanted!r}: see /stats for the running ones", cors=True)
+        elif self.published is not None and not self.published.closed:
+            session = self.published
+        else:
+            return _error(
+                404, "no session is running yet: start one in the page or send with WHIP", cors=True
+            )
+        problem = _check_offer(sdp)
+        if problem:
+            return _error(400, problem, cors=True)
+        if len(self.viewers) >= self.max_viewers:
+            return _error(503, f"too many viewers: {self.max_viewers} at once; try again later", cors=True)
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=self.ice_servers))
+        viewer = Viewer(secrets.token_urlsafe(8), session, pc, self._output_track(session))
+        self.viewers[viewer.id] = viewer
+        session.viewers[viewer.id] = viewer
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            if pc.connectionState in ("failed", "closed"):
+                await self.close_viewer(viewer, f"connection {pc.connectionState}")
+
+        try:
+            await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+            video = [t for t in pc.getTransceivers() if t.kind == "video"]
+            if not video:
+                raise ValueError("the offer has no video section to play the stream into")
+            pc.addTrack(viewer.track)
+            for transceiver in pc.getTransceivers():
+                if transceiver.kind != "video":
+                    transceiver.direction = "inactive"
+            await pc.setLocalDescription(await pc.createAnswer())
+        except Exception as exc:
+            await self.close_viewer(viewer, "bad offer")
+            return _error(400, f"invalid SDP offer: {exc or type(exc).__name__}", cors=True)
+        logger.info("viewer %s of session %s started", viewer.id, session.id)
+        return self._created(pc, f"/whep/{session.id}/{viewer.id}")
+
+    async def whep_delete(self, request: web.Request) -> web.Response:
+        viewer = self.viewers.get(request.match_info["viewer"])
+        if viewer is None or viewer.session.id != request.match_info["session"]:
+            return _error(404, f"no viewer {request.match_info['viewer']!r} (ended already?)", cors=True)
+        await self.close_viewer(viewer, "ended by its WHEP client (DELETE)")
+        return web.Response(status=200, headers=CORS)
+
+    async def preflight(self, request: web.Request) -> web.Response:
+        return web.Response(status=204, headers={**CORS, **self._ice_links()})
+
+    async def no_trickle(self, request: web.Request) -> web.Response:
+        response = _error(
+            405,
+            "trickle ICE and ICE restarts (PATCH) are not supported: send every candidate in the offer",
+            cors=True,
         )
+        response.headers["Allow"] = "POST, DELETE, OPTIONS"
+        return response
+
+    def _created(self, pc: RTCPeerConnection, location: str) -> web.Response:
+        headers = {**CORS, "Location": location, **self._ice_links()}
+        return web.Response(status=201, text=pc.localDescription.sdp, content_type=SDP, headers=headers)
+
+    def _ice_links(self) -> dict[str, str]:
+        """RFC 9725 section 4.6: the ICE servers as Link headers (one header, comma-separated)."""
+        links = []
+        for server in self.ice_servers:
+            urls = server.urls if isinstance(server.urls, list) else [server.urls]
+            for url in urls:
+                link = f'<{url}>; rel="ice-server"'
+                if server.username:
+                    link += f'; username="{server.username}"; credential="{server.credential}"'
+                links.append(link)
+        return {"Link": ", ".join(links)} if links else {}
+
+    def _output_track(self, session: Session) -> MediaStreamTrack:
+        """A consumer's view of the session's output: one processed track, relayed without buffering."""
+        if session.source is None:
+            session.source = ProcessedTrack(session)
+        return self.relay.subscribe(session.source, buffered=False)
+
+    def _publish(self, session: Session, frame: np.ndarray) -> None:
+        """On the worker thread: the newest session's output goes to the virtual camera."""
+        camera = self.virtualcam
+        if session is self.published and camera is not None:
+            try:
+                camera.write(frame)
+            except SinkError as exc:  # the camera went away: say so once, keep streaming
+                logger.error("virtual camera stopped, no longer publishing: %s", exc)
+                self.virtualcam = None
+
+    async def close_viewer(self, viewer: Viewer, reason: str) -> None:
+        if viewer.closed:
+            return
+        viewer.closed = True
+        logger.info("viewer %s closed: %s", viewer.id, reason)
+        self.viewers.pop(viewer.id, None)
+        viewer.session.viewers.pop(viewer.id, None)
+        viewer.track.stop()
+        with contextlib.suppress(Exception):
+            await viewer.pc.close()
 
     # ------------------------------------------------------------------ sessions
     def _wire(self, session: Session) -> None:
@@ -518,7 +721,8 @@ class StreamServer:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
-                pc.addTrack(ProcessedTrack(session))
+                if session.kind == "browser":  # the page shows the output; a WHIP encoder only sends
+                    pc.addTrack(self._output_track(session))
                 session.tasks.append(asyncio.create_task(self._drain_video(session, track)))
             else:  # audio (OBS sends it): consumed and discarded, or it would pile up
                 session.tasks.append(asyncio.create_task(_discard(track)))
@@ -583,6 +787,11 @@ class StreamServer:
         session.closed = True
         logger.info("session %s closed: %s", session.id, reason)
         self.sessions.pop(session.id, None)
+        if self.published is session:  # the virtual camera and `POST /whep` move to the newest one left
+            self.published = max(self.sessions.values(), key=lambda s: s.created, default=None)
+        await asyncio.gather(
+            *(self.close_viewer(v, "its session ended") for v in list(session.viewers.values()))
+        )
         if self.worker:
             self.worker.remove(session)
         session.inputs.close()
@@ -714,8 +923,35 @@ async def _discard(track: MediaStreamTrack) -> None:
             await track.recv()
 
 
-def _error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _error(status: int, message: str, cors: bool = False) -> web.Response:
+    return web.json_response({"error": message}, status=status, headers=CORS if cors else None)
+
+
+def _check_offer(sdp: str) -> str | None:
+    """What is wrong with an SDP offer before negotiating it, or None."""
+    try:
+        kinds = [media.kind for media in SessionDescription.parse(sdp).media]
+    except Exception as exc:  # aiortc's parser asserts on malformed lines
+        return f"invalid SDP offer: {exc or type(exc).__name__}"
+    if not kinds:
+        return "invalid SDP offer: it has no media sections (m= lines)"
+    if "video" not in kinds:
+        return "the offer has no video track: send the camera as a video track"
+    return None
+
+
+async def _read_sdp(request: web.Request) -> str | web.Response:
+    """A WHIP/WHEP request body: an SDP offer as application/sdp text."""
+    if request.content_type != SDP:
+        got = request.content_type or "none"
+        return _error(415, f"the body must be an SDP offer with Content-Type: {SDP}, got {got}", cors=True)
+    try:
+        sdp = (await request.read()).decode("utf-8")
+    except UnicodeDecodeError:
+        return _error(400, "the SDP offer is not UTF-8 text", cors=True)
+    if not sdp.strip():
+        return _error(400, "the body is empty: send the SDP offer", cors=True)
+    return sdp
 
 
 class ServerThread:

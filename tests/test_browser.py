@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -119,3 +120,53 @@ def test_webrtc_e2e_benchmark_measures_glass_to_glass(
     assert result["received_fps"] > 1 and result["received_size"] == [128, 128]
     assert result["stamped_back"] <= result["stamped_sent"] and result["freezes"] >= 0
     assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_view_page_plays_a_sessions_output_over_whep(
+    chromium: str, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """/view (for an OBS Browser Source): output only, played over WHEP, filling the window."""
+    from playwright.sync_api import sync_playwright
+
+    clip = tmp_path / "camera.y4m"
+    write_y4m(clip, pan_clip(24, (CAMERA[1], CAMERA[0]), step=4))
+    server = StreamServer.for_components(CONFIG, load_model(CONFIG))
+    with ServerThread(server) as running, sync_playwright() as p:
+        browser = chromium_launch(p, clip, chromium)
+        errors: list[str] = []
+        try:
+            sender = browser.new_page()
+            sender.goto(f"http://127.0.0.1:{running.port}/")
+            sender.click("#start")
+            wait_connected(sender)
+            wait_frames_decoded(sender, 3)
+            session = next(iter(server.sessions))
+            for query in (f"?session={session}", ""):  # by id, and the newest session
+                view = browser.new_page(viewport={"width": 640, "height": 360})
+                view.on("pageerror", lambda e: errors.append(str(e)))
+                view.goto(f"http://127.0.0.1:{running.port}/view{query}")
+                view.wait_for_function(
+                    "window.streamView && window.streamView.state === 'playing'", timeout=30_000
+                )
+                deadline = time.monotonic() + 20
+                while view.evaluate("window.streamView.framesDecoded()") <= 5:
+                    assert time.monotonic() < deadline, "the viewer decoded too few frames"
+                    view.wait_for_timeout(100)
+                size = view.evaluate(
+                    "(() => { const v = document.querySelector('video'); const r = v.getBoundingClientRect();"
+                    " return [v.videoWidth, v.videoHeight, r.width, r.height]; })()"
+                )
+                camera = sender.evaluate(
+                    "[document.getElementById('input').videoWidth, document.getElementById('input').videoHeight]"
+                )
+                assert size == [*camera, 640, 360], size  # the camera's size, filling the page
+                assert not view.locator("button, input").count()  # no controls
+                assert len(next(iter(server.sessions.values())).viewers) == 1
+                view.close()  # pagehide: the page DELETEs its viewer
+                deadline = time.monotonic() + 10
+                while next(iter(server.sessions.values())).viewers:
+                    assert time.monotonic() < deadline, "the viewer was not freed after the page closed"
+                    time.sleep(0.1)
+            assert not errors, errors
+        finally:
+            browser.close()

@@ -4,6 +4,8 @@
 // stamp in its top-left corner (stream/stamp.py describes the layout); the server copies the stamp into
 // the processed frame and the page reads it back from the video it receives: one clock, both ends.
 
+import { iceGatheringDone } from "./webrtc.js";
+
 const $ = (id) => document.getElementById(id);
 
 // [element id, settings key, decimals shown]
@@ -532,20 +534,6 @@ async function switchCamera() {
 }
 
 // ---- WebRTC session ----
-
-function iceGatheringDone(pc, capMs) {
-  if (pc.iceGatheringState === "complete") return Promise.resolve();
-  return new Promise((resolve) => {
-    const done = () => {
-      clearTimeout(timer);
-      pc.removeEventListener("icegatheringstatechange", check);
-      resolve();
-    };
-    const check = () => { if (pc.iceGatheringState === "complete") done(); };
-    const timer = setTimeout(done, capMs);
-    pc.addEventListener("icegatheringstatechange", check);
-  });
-}
 
 async function postOffer(body) {
   const headers = { "Content-Type": "application/json" };
