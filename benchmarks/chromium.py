@@ -9,6 +9,13 @@ from typing import Any
 CHROMIUM = "/usr/bin/chromium"
 
 # Counts the video frames the page's peer connection has decoded (evaluated in the page).
+INBOUND_VIDEO_JS = """async () => {
+    const stats = await window.streamApp.pc.getStats();
+    let found = {framesDecoded: 0, freezeCount: 0, totalFreezesDuration: 0};
+    stats.forEach(r => { if (r.type === 'inbound-rtp' && r.kind === 'video') found = r; });
+    return {framesDecoded: found.framesDecoded || 0, freezeCount: found.freezeCount || 0,
+            totalFreezesDuration: found.totalFreezesDuration || 0};
+}"""
 FRAMES_DECODED_JS = """async () => {
     const stats = await window.streamApp.pc.getStats();
     let n = 0;

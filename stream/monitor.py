@@ -3,9 +3,11 @@ the adaptive controller that keeps a stream inside its budget.
 
 Stages of one frame (milliseconds): `wait` (in the input slot), `preprocess`, `encode` (VAE),
 `unet_1` ... `unet_k` (each step's UNet call; they are part of `denoise`), `denoise`, `decode` (VAE),
-`postprocess`, `handoff` (from the processed frame to the video encoder taking it), and `total` (the
-model worker's time on the frame: preprocess to postprocess). The budget is 1000 / target_fps ms of
-`total`: the work one frame may take so that the stream keeps its frame rate.
+`postprocess`, `handoff` (from the processed frame to the video encoder taking it), `total` (the
+model worker's time on the frame: preprocess to postprocess) and, in the server, `round` (the model
+time of one round over every active stream sharing the worker: `total` when a stream is alone). The
+budget is 1000 / target_fps ms of `round` (else `total`): the work one frame may take so that the
+stream keeps its frame rate.
 """
 
 from __future__ import annotations
@@ -18,7 +20,17 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 # The order in which stages are shown; unet_N stages sit after `denoise`'s other parts.
-STAGE_ORDER = ("total", "wait", "preprocess", "encode", "denoise", "decode", "postprocess", "handoff")
+STAGE_ORDER = (
+    "total",
+    "round",
+    "wait",
+    "preprocess",
+    "encode",
+    "denoise",
+    "decode",
+    "postprocess",
+    "handoff",
+)
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -111,18 +123,31 @@ def build_ladder(
     return ladder
 
 
+@dataclasses.dataclass
+class _Failure:
+    """A level that went over budget: retried when the load drops under 80% of `ref`, or after `until`."""
+
+    until: float  # clock time when its back-off runs out
+    ref: float | None = None  # mean p95 of two windows at the level below, measured after the change
+
+
 class AdaptiveController:
     """Steps a stream down its ladder when its p95 frame time stays over budget, and back up when it
     stays well under; with hysteresis, so it never oscillates.
 
-    Frame times arrive one by one (`observe`); every `window` frames their p95 is judged:
+    Frame times arrive one by one (`observe`). After every change the first `settle` frames are not
+    judged (a new shape's first frames are slow: allocation, kernel choice). Then every `window`
+    frames their p95 is judged:
     - over the budget for `down_windows` windows in a row: one level down. The level left is marked
-      as failed, remembering the p95 then measured at the level below (`ref`).
+      as failed; its reference (`ref`) is the mean p95 of the next two windows at the level below.
     - under `up_fraction` of the budget for `up_windows` windows in a row: one level up, unless that
-      level failed before and the load has not dropped since (the p95 here is not below 80% of `ref`).
-      This is what keeps a level that cannot hold the budget from being retried again and again.
+      level failed and neither has the load dropped since (p95 here under 80% of `ref`: another
+      stream ended, the GPU got free) nor has its back-off run out. The back-off starts at `backoff`
+      seconds and doubles each time the same level fails again, up to `max_backoff`; a level that then
+      holds for `hold_windows` windows in a row is trusted again (back-off reset).
     - in between: no change (a dead band).
-    After a change the counters start again, so each judgement is of the current level only.
+    So a level that cannot hold the budget is retried ever more rarely, and a passing spike costs
+    quality for at most `backoff` seconds.
     """
 
     def __init__(
@@ -135,6 +160,10 @@ class AdaptiveController:
         down_windows: int = 2,
         up_windows: int = 3,
         up_fraction: float = 0.7,
+        settle: int | None = None,
+        backoff: float = 30.0,
+        max_backoff: float = 480.0,
+        hold_windows: int = 20,
         clock: Callable[[], float] = time.monotonic,
         max_log: int = 20,
         multiple: int = 64,
@@ -148,6 +177,10 @@ class AdaptiveController:
         self.down_windows = down_windows
         self.up_windows = up_windows
         self.up_fraction = up_fraction
+        self.settle = window if settle is None else settle
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self.hold_windows = hold_windows
         self.clock = clock
         self.started = clock()
         self.changes: deque[dict[str, Any]] = deque(maxlen=max_log)
@@ -159,9 +192,11 @@ class AdaptiveController:
         self.ladder = list(ladder)
         self.index = 0
         self._samples: list[float] = []
-        self._over = self._under = 0
-        self._failed: dict[int, float | None] = {}  # level index -> p95 measured just below it
-        self._pending: int | None = None  # the failed level whose ref the next window measures
+        self._skip = 0  # frames still to ignore after a change
+        self._over = self._under = self._held = 0
+        self._failed: dict[int, _Failure] = {}  # level index -> why not to go back up to it yet
+        self._backoffs: dict[int, float] = {}  # level index -> its next back-off, seconds
+        self._refs: list[float] = []  # p95 of windows measured for the newest failure's ref
         self._applied: tuple[Any, int, Any] | None = None  # (requested config, index, config at index)
 
     @property
@@ -198,30 +233,42 @@ class AdaptiveController:
         """One frame's time; returns the change made (also logged in `changes`), or None."""
         if not self.enabled:
             return None
+        if self._skip > 0:
+            self._skip -= 1
+            return None
         self._samples.append(frame_ms)
         if len(self._samples) < self.window:
             return None
         p95 = percentile(self._samples, 95)
         self._samples = []
-        if self._pending is not None:
-            self._failed[self._pending] = p95
-            self._pending = None
+        below = self._failed.get(self.index - 1)
+        if below is not None and below.ref is None:  # measuring the reference of the level just left
+            self._refs.append(p95)
+            if len(self._refs) == 2:
+                below.ref = sum(self._refs) / 2
         if p95 > self.budget_ms:
-            self._over, self._under = self._over + 1, 0
+            self._over, self._under, self._held = self._over + 1, 0, 0
             if self._over >= self.down_windows and self.index + 1 < len(self.ladder):
-                self._failed[self.index] = None
-                self._pending = self.index
+                wait = self._backoffs.get(self.index, self.backoff)
+                self._failed[self.index] = _Failure(until=self.clock() + wait)
+                self._backoffs[self.index] = min(self.max_backoff, wait * 2)
+                self._refs = []
                 return self._move(+1, f"p95 {p95:.1f} ms over the {self.budget_ms:.1f} ms budget")
-        elif p95 < self.up_fraction * self.budget_ms:
+            return None
+        self._held += 1
+        if self._held >= self.hold_windows:  # this level is trusted again
+            self._backoffs.pop(self.index, None)
+        if p95 < self.up_fraction * self.budget_ms:
             self._over, self._under = 0, self._under + 1
             if self._under >= self.up_windows and self.index > 0:
-                target = self.index - 1
-                ref = self._failed.get(target)
-                if target not in self._failed or (ref is not None and p95 < 0.8 * ref):
+                failure = self._failed.get(self.index - 1)
+                load_dropped = failure is not None and failure.ref is not None and p95 < 0.8 * failure.ref
+                if failure is None or load_dropped or self.clock() >= failure.until:
                     self._failed.pop(self.index - 1, None)
                     share = f"{self.up_fraction:.0%} of the {self.budget_ms:.1f} ms budget"
-                    return self._move(-1, f"p95 {p95:.1f} ms under {share}")
-                self._under = 0  # that level could not hold the budget at this load: stay
+                    why = "" if failure is None else ("; the load dropped" if load_dropped else "; retrying")
+                    return self._move(-1, f"p95 {p95:.1f} ms under {share}{why}")
+                self._under = 0  # that level could not hold the budget at this load: not yet
         else:
             self._over = self._under = 0
         return None
@@ -232,8 +279,9 @@ class AdaptiveController:
         return self._log(before, reason)
 
     def _log(self, before: Level, reason: str) -> dict[str, Any]:
-        self._over = self._under = 0
+        self._over = self._under = self._held = 0
         self._samples = []
+        self._skip = self.settle
         change = {
             "at": round(self.clock() - self.started, 2),
             "from": before.as_dict(),
@@ -266,6 +314,7 @@ class LatencyMonitor:
         self.budget_ms = 1000.0 / self.target_fps
         self.out = RollingStats(window)  # processed frames and their stage timings
         self.inputs = RollingStats(window)  # arrivals
+        self.frame_ms: deque[float] = deque(maxlen=window)  # what the budget judges, frames the model ran
         self.skipped = 0
         self.drops = 0
 
@@ -275,15 +324,24 @@ class LatencyMonitor:
     def frame_out(
         self, timings: Mapping[str, float], skipped: bool = False, now: float | None = None
     ) -> None:
+        """A processed frame. The budget judges its `round` (the model time of one round over every
+        active stream sharing the model; `total` when there is no such figure), unless the similarity
+        filter skipped the model for it."""
         self.out.add(timings, now)
-        self.skipped += bool(skipped)
+        if skipped:
+            self.skipped += 1
+        else:
+            self.frame_ms.append(timings.get("round", timings["total"]))
 
     def sample(self, stage: str, ms: float) -> None:
         self.out.sample(stage, ms)
 
+    def budget_p95(self) -> float:
+        return percentile(list(self.frame_ms), 95)
+
     def holds(self) -> bool | None:
         """Whether p95 of the frame time is within the budget (None before any frame)."""
-        p95 = self.out.percentiles("total", (95,))[0]
+        p95 = self.budget_p95()
         return None if math.isnan(p95) else p95 <= self.budget_ms
 
     def latency(self) -> dict[str, dict[str, float | None]]:
@@ -294,7 +352,7 @@ class LatencyMonitor:
         return table
 
     def snapshot(self) -> dict[str, Any]:
-        p95 = self.out.percentiles("total", (95,))[0]
+        p95 = self.budget_p95()
         return {
             "frames": self.out.count,
             "frames_in": self.inputs.count,

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 MAX_BODY = 64 * 1024
 SDP = "application/sdp"
+VIEWER_CONNECT_TIMEOUT = 15.0  # seconds a WHEP viewer may take to connect before its place is freed
 # WHIP/WHEP answers are read by OBS and by pages on other origins.
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -89,6 +90,7 @@ class Processed:
     pts: int
     time_base: Fraction
     ready: float  # time.perf_counter() when the worker finished it, for the hand-off timing
+    video: av.VideoFrame | None = None  # `frame` as the encoders take it (yuv420p), made on the worker
 
 
 class Session:
@@ -116,6 +118,7 @@ class Session:
         self.output: Processed | None = None
         self.output_ready = asyncio.Event()
         self.source: ProcessedTrack | None = None  # read once, relayed to the page and every WHEP viewer
+        self.relay = MediaRelay()  # per session: it keeps its source until the source ends
         self.viewers: dict[str, Viewer] = {}
         self.monitor = LatencyMonitor(target_fps)
         self.adaptive = AdaptiveController(
@@ -175,6 +178,7 @@ class Viewer:
     pc: RTCPeerConnection
     track: MediaStreamTrack
     closed: bool = False
+    answered: float = float("inf")  # time.monotonic() when its answer went out
 
 
 class ModelWorker:
@@ -194,6 +198,7 @@ class ModelWorker:
         self.fallback = fallback  # the server's settings, for a session whose own cannot run
         self.loop = loop
         self.sessions: dict[str, Session] = {}
+        self.recent: dict[str, tuple[float, float]] = {}  # session id -> (model ms of its last frame, when)
         self.lock = threading.Lock()
         self.wake = threading.Event()
         self.stopping = False
@@ -215,6 +220,7 @@ class ModelWorker:
     def remove(self, session: Session) -> None:
         with self.lock:
             self.sessions.pop(session.id, None)
+            self.recent.pop(session.id, None)
         self.wake.set()
 
     def notify(self) -> None:
@@ -273,11 +279,13 @@ class ModelWorker:
         out = result.frame
         if session.stamp and out.shape == pixels.shape:
             out = stamp.copy_patch(pixels, out.copy())
-        # 3. the budget: adapt steps and size to the frame time of frames the model really ran
+        # 3. the budget: adapt steps and size to the model time of a round over all active sessions
+        timings = {**result.timings, "wait": waited}
         if not result.skipped:
             if self.on_frame is not None:
                 self.on_frame(result.timings["total"] / 1000.0)
-            change = session.adaptive.observe(result.timings["total"])
+            timings["round"] = self._round_ms(session, result.timings["total"])
+            change = session.adaptive.observe(timings["round"])
             if change is not None:
                 logger.info(
                     "session %s: adaptive %s -> %s: %s",
@@ -291,11 +299,27 @@ class ModelWorker:
                 self.on_output(session, out)
             except Exception:  # the virtual camera failing must not stop the stream
                 logger.exception("session %s: publishing a frame failed", session.id)
-        timings = {**result.timings, "wait": waited}
         processed = Processed(
-            out, int(frame.pts or 0), frame.time_base or Fraction(1, 90000), time.perf_counter()
+            out,
+            int(frame.pts or 0),
+            frame.time_base or Fraction(1, 90000),
+            time.perf_counter(),
+            _to_video(out) if session.source is not None else None,  # someone sends it: convert here
         )
         self._call(session.deliver, processed, timings, result.skipped)
+
+    def _round_ms(self, session: Session, total: float) -> float:
+        """Model ms of one round-robin round: the last frame of each session active in the last second.
+
+        Sessions share the worker, so each gets a frame per round; a session alone: its own time.
+        """
+        now = time.monotonic()
+        with self.lock:
+            self.recent[session.id] = (total, now)
+            stale = [sid for sid, (_, at) in self.recent.items() if now - at > 1.0]
+            for sid in stale:
+                del self.recent[sid]
+            return sum(ms for ms, _ in self.recent.values())
 
     def _call(self, callback: Callable[..., None], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown)
@@ -321,10 +345,7 @@ class ProcessedTrack(MediaStreamTrack):
             if session.output is not None:
                 break
         out = session.output
-        # Converted to the encoders' yuv420p here, once: the relay hands this one frame to every consumer's
-        # encoder thread, and a frame that each encoder had to convert itself would share PyAV's
-        # converter between threads (which breaks the second viewer's stream).
-        frame = av.VideoFrame.from_ndarray(out.frame, format="rgb24").reformat(format="yuv420p")
+        frame = out.video or _to_video(out.frame)  # made by the worker, unless nobody was sending then
         frame.pts, frame.time_base = session.output_pts(out.pts), out.time_base
         session.monitor.sample("handoff", (time.perf_counter() - out.ready) * 1000.0)
         return frame
@@ -353,7 +374,6 @@ class StreamServer:
         self.max_viewers = max_viewers
         self.virtualcam = virtualcam  # gets the output of the newest session (`published`)
         self.published: Session | None = None
-        self.relay = MediaRelay()
         self.viewers: dict[str, Viewer] = {}
         self.target_fps = LatencyMonitor(target_fps).target_fps  # validated
         self.adaptive = adaptive
@@ -437,13 +457,17 @@ class StreamServer:
     async def _errors(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
+        cors = request.path.startswith(("/whip", "/whep"))  # cross-origin clients must see the status
         try:
             return await handler(request)
         except web.HTTPRequestEntityTooLarge:
-            return _error(413, f"request body too large: at most {MAX_BODY // 1024} KiB")
+            return _error(413, f"request body too large: at most {MAX_BODY // 1024} KiB", cors=cors)
         except web.HTTPException as exc:
             if exc.status >= 400 and exc.content_type != "application/json":
-                return _error(exc.status, exc.reason)
+                response = _error(exc.status, exc.reason, cors=cors)
+                if "Allow" in exc.headers:  # 405 says which methods are
+                    response.headers["Allow"] = exc.headers["Allow"]
+                return response
             raise
 
     @web.middleware
@@ -457,7 +481,11 @@ class StreamServer:
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {self.token}".encode()
             if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-                return _error(401, "missing or wrong token: send the header 'Authorization: Bearer <token>'")
+                return _error(
+                    401,
+                    "missing or wrong token: send the header 'Authorization: Bearer <token>'",
+                    cors=request.path.startswith(("/whip", "/whep")),
+                )
         return await handler(request)
 
     # ------------------------------------------------------------------ handlers
@@ -583,14 +611,21 @@ class StreamServer:
         return web.FileResponse(page)
 
     async def whip(self, request: web.Request) -> web.Response:
-        """WHIP ingest (RFC 9725): an SDP offer in, 201 with the answer and the session's Location."""
+        """WHIP ingest (RFC 9725): an SDP offer in, 201 with the answer and the session's Location.
+
+        `?stamp=1` copies the sender's frame-ID patch into the output (stream/stamp.py), for latency
+        measurements.
+        """
         sdp = await _read_sdp(request)
         if isinstance(sdp, web.Response):
             return sdp
         problem = _check_offer(sdp)
         if problem:
             return _error(400, problem, cors=True)
-        started = await self.start_session(sdp, self.config, kind="whip")
+        stamped = request.query.get("stamp", "0")
+        if stamped not in ("0", "1"):
+            return _error(400, f"stamp must be 0 or 1, got {stamped!r}", cors=True)
+        started = await self.start_session(sdp, self.config, kind="whip", stamp=stamped == "1")
         if isinstance(started, web.Response):
             started.headers.update(CORS)
             return started
@@ -649,6 +684,9 @@ class StreamServer:
         except Exception as exc:
             await self.close_viewer(viewer, "bad offer")
             return _error(400, f"invalid SDP offer: {exc or type(exc).__name__}", cors=True)
+        if viewer.closed:  # its session ended while the answer was being made
+            return _error(404, f"session {session.id!r} ended", cors=True)
+        viewer.answered = time.monotonic()  # it has VIEWER_CONNECT_TIMEOUT from its answer on
         logger.info("viewer %s of session %s started", viewer.id, session.id)
         return self._created(pc, f"/whep/{session.id}/{viewer.id}")
 
@@ -660,7 +698,7 @@ class StreamServer:
         return web.Response(status=200, headers=CORS)
 
     async def preflight(self, request: web.Request) -> web.Response:
-        return web.Response(status=204, headers={**CORS, **self._ice_links()})
+        return web.Response(status=204, headers=CORS)  # no ICE servers here: they may carry credentials
 
     async def no_trickle(self, request: web.Request) -> web.Response:
         response = _error(
@@ -691,7 +729,7 @@ class StreamServer:
         """A consumer's view of the session's output: one processed track, relayed without buffering."""
         if session.source is None:
             session.source = ProcessedTrack(session)
-        return self.relay.subscribe(session.source, buffered=False)
+        return session.relay.subscribe(session.source, buffered=False)
 
     def _publish(self, session: Session, frame: np.ndarray) -> None:
         """On the worker thread: the newest session's output goes to the virtual camera."""
@@ -796,6 +834,7 @@ class StreamServer:
             self.worker.remove(session)
         session.inputs.close()
         session.denoiser = None  # the worker drops its own reference after any frame in flight
+        session.output = None
         session.output_ready.set()
         for task in session.tasks:
             task.cancel()
@@ -804,13 +843,20 @@ class StreamServer:
             await session.pc.close()
 
     async def _reap(self) -> None:
-        """Close sessions whose peer went quiet (no video for idle_timeout seconds)."""
         while True:
             await asyncio.sleep(1.0)
-            now = time.monotonic()
-            for session in list(self.sessions.values()):
-                if now - session.last_input > self.idle_timeout:
-                    await self.close_session(session, f"idle for {self.idle_timeout:.0f} s")
+            await self._reap_once()  # its own frame: no session stays referenced between rounds
+
+    async def _reap_once(self) -> None:
+        """Close sessions whose peer went quiet (no video for idle_timeout seconds), and viewers that
+        never connected."""
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if now - session.last_input > self.idle_timeout:
+                await self.close_session(session, f"idle for {self.idle_timeout:.0f} s")
+        for viewer in list(self.viewers.values()):
+            if viewer.pc.connectionState != "connected" and now - viewer.answered > VIEWER_CONNECT_TIMEOUT:
+                await self.close_viewer(viewer, f"not connected after {VIEWER_CONNECT_TIMEOUT:.0f} s")
 
 
 class _Metrics(Collector):
@@ -925,6 +971,15 @@ async def _discard(track: MediaStreamTrack) -> None:
 
 def _error(status: int, message: str, cors: bool = False) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=CORS if cors else None)
+
+
+def _to_video(frame: np.ndarray) -> av.VideoFrame:
+    """An RGB frame as the video encoders take it: yuv420p, converted once.
+
+    The relay hands this one frame object to every consumer's encoder thread; a frame each encoder had
+    to convert itself would share PyAV's converter between threads (which breaks the second viewer).
+    """
+    return av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
 
 
 def _check_offer(sdp: str) -> str | None:

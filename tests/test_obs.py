@@ -4,6 +4,7 @@ the newest session's output published to a virtual camera."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -41,25 +42,26 @@ def make_server(factory: Callable[[StreamConfig], Any], **kwargs: Any) -> Stream
 class ObsEncoder:
     """What OBS 30+ sends over WHIP: H.264 video and Opus audio, sendonly, every candidate in one offer."""
 
-    def __init__(self, frames: list[np.ndarray]) -> None:
+    def __init__(self, frames: list[np.ndarray], codec: str = "video/H264") -> None:
         self.pc = RTCPeerConnection()
         video = self.pc.addTransceiver(ClipTrack(frames), direction="sendonly")
-        h264 = [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == "video/H264"]
-        video.setCodecPreferences(h264)
+        video.setCodecPreferences(
+            [c for c in RTCRtpSender.getCapabilities("video").codecs if c.mimeType == codec]
+        )
         audio = self.pc.addTransceiver(AudioStreamTrack(), direction="sendonly")
         opus = [c for c in RTCRtpSender.getCapabilities("audio").codecs if c.mimeType == "audio/opus"]
         audio.setCodecPreferences(opus)
         self.location = ""
         self.answer = ""
 
-    async def publish(self, url: str) -> None:
+    async def publish(self, url: str, query: str = "") -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())  # gathers every candidate
         offer = self.pc.localDescription.sdp
-        assert "a=candidate:" in offer and "H264/90000" in offer and "opus/48000" in offer
+        assert "a=candidate:" in offer and "opus/48000" in offer
         headers = {**AUTH, "Content-Type": "application/sdp"}
         async with (
             aiohttp.ClientSession() as http,
-            http.post(url + "/whip", data=offer, headers=headers) as r,
+            http.post(url + "/whip" + query, data=offer, headers=headers) as r,
         ):
             self.answer = await r.text()
             assert r.status == 201, self.answer
@@ -126,13 +128,14 @@ def test_obs_whip_in_whep_out_and_delete(tiny_factory: Callable[[StreamConfig], 
         async with running(server) as url:
             # 1. OBS publishes: 201, the session's Location, an H.264 answer; its audio is consumed.
             obs = ObsEncoder(stamped_clip())
-            await obs.publish(url)
+            await obs.publish(
+                url, "?stamp=1"
+            )  # carry the frame IDs through, to compare viewers frame by frame
             assert obs.location == f"/whip/{obs.session}"
             video = obs.answer.split("m=video")[1].split("m=audio")[0]
             assert "H264/90000" in video and "VP8" not in video and "a=candidate:" in obs.answer
             session = server.sessions[obs.session]
-            assert session.kind == "whip"
-            session.stamp = True  # carry the encoder's frame IDs through, to compare viewers frame by frame
+            assert session.kind == "whip" and session.stamp
             # 2. Three WHEP viewers of the one processed stream (by id, and the newest via POST /whep).
             viewers = [WhepViewer() for _ in range(3)]
             await viewers[0].play(url, f"/whep/{obs.session}")
@@ -210,6 +213,7 @@ def test_bad_whip_and_whep_requests_disturb_nothing(
                     ),
                     (await call("POST", "/whip", "", **AUTH), 415, "application/sdp"),
                     (await call("POST", "/whip", "this is not sdp"), 400, "invalid SDP"),
+                    (await call("POST", "/whip?stamp=yes", sdp), 400, "stamp must be 0 or 1"),
                     (await call("POST", "/whip", ""), 400, "empty"),
                     (await call("POST", "/whip", audio_only), 400, "no video"),
                     (await call("POST", "/whip", sdp, **{"Content-Type": "application/sdp"}), 401, "token"),
@@ -343,3 +347,96 @@ def test_run_virtualcam_device_needs_the_virtualcam_sink(capsys: pytest.CaptureF
     args = ["run", "--source", "synthetic", "--sink", "out.mp4", "--virtualcam-device", "/dev/video3"]
     assert main(args) == 2
     assert "--virtualcam-device goes with --sink virtualcam" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("path", ["whip", "offer"])
+def test_obs_e2e_benchmark_measures_latency(
+    path: str, tiny_model_dir: Any, capsys: pytest.CaptureFixture
+) -> None:
+    from benchmarks.obs_e2e import main as obs_e2e
+
+    args = [
+        "--path",
+        path,
+        "--size",
+        "128",
+        "--steps",
+        "1",
+        "--guidance",
+        "1",
+        "--seconds",
+        "3",
+        "--warmup",
+        "1",
+    ]
+    assert obs_e2e(args) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["benchmark"] == "obs_e2e" and result["received_size"] == [128, 128]
+    assert result["latency_count"] >= 5 and 0 < result["latency_ms"]["p50"] <= result["latency_ms"]["p95"]
+    assert ("WHIP" in result["path"]) == (path == "whip") and result["received_fps"] > 1
+
+
+def test_whip_takes_vp8_too(tiny_factory: Callable[[StreamConfig], StreamDenoiser]) -> None:
+    async def main() -> None:
+        server = make_server(tiny_factory)
+        async with running(server) as url:
+            encoder = ObsEncoder(pan_clip(10, SIZE, step=3), codec="video/VP8")
+            await encoder.publish(url)
+            assert "VP8/90000" in encoder.answer and "H264" not in encoder.answer
+            viewer = WhepViewer()
+            await viewer.play(url)
+            await viewer.wait_frames(5)
+            assert viewer.received[-1][0].to_ndarray(format="rgb24").shape == (*SIZE, 3)
+            await viewer.close()
+            await encoder.pc.close()
+
+    asyncio.run(main())
+
+
+def test_abandoned_viewers_and_closed_sessions_are_freed(
+    tiny_factory: Callable[[StreamConfig], StreamDenoiser], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A WHEP offer whose client never connects frees its place; a closed session leaves nothing behind."""
+    import gc
+    import weakref
+
+    import stream.server
+
+    monkeypatch.setattr(stream.server, "VIEWER_CONNECT_TIMEOUT", 1.0)
+
+    async def main() -> None:
+        server = make_server(tiny_factory, max_viewers=1, ice_servers=["turn:user:hunter2@127.0.0.1:3478"])
+        async with running(server) as url:
+            encoder = ObsEncoder(pan_clip(10, SIZE, step=3))
+            await encoder.publish(url)
+            session = server.sessions[encoder.session]
+            await until(lambda: session.denoiser is not None)
+            denoiser = weakref.ref(session.denoiser)  # type: ignore[arg-type]
+            # An offer posted, the answer never used: the viewer's place is freed after the timeout.
+            ghost = RTCPeerConnection()
+            ghost.addTransceiver("video", direction="recvonly")
+            await ghost.setLocalDescription(await ghost.createOffer())
+            headers = {**AUTH, "Content-Type": "application/sdp"}
+            async with aiohttp.ClientSession() as http:
+                async with http.post(url + "/whep", data=ghost.localDescription.sdp, headers=headers) as r:
+                    assert r.status == 201 and 'rel="ice-server"' in r.headers["Link"]  # RFC 9725 4.6
+                assert len(server.viewers) == 1
+                await until(lambda: not server.viewers, timeout=10)
+                # The ICE servers' credentials are not handed to anyone without the token.
+                async with http.options(url + "/whep") as r:
+                    assert r.status == 204 and "Link" not in r.headers
+                async with http.post(
+                    url + "/whip", data="v=0", headers={"Content-Type": "application/sdp"}
+                ) as r:
+                    assert r.status == 401 and r.headers["Access-Control-Allow-Origin"] == "*"
+                async with http.delete(url + encoder.location, headers=AUTH) as r:
+                    assert r.status == 200
+            await ghost.close()
+            await encoder.pc.close()
+            await asyncio.sleep(0.5)
+            gc.collect()
+            # The closed session's model state and last frame are freed; nothing of the server keeps it.
+            assert denoiser() is None and session.output is None and session.closed
+            assert not server.viewers and server.published is None and not server.worker.sessions  # type: ignore[union-attr]
+
+    asyncio.run(main())

@@ -507,3 +507,28 @@ def test_frame_id_stamp_is_copied_into_the_output(
                     assert r.status == 400 and "stamp must be true or false" in (await r.json())["error"]
 
     asyncio.run(main())
+
+
+def test_budget_counts_every_session_sharing_the_model(tiny_model_dir: Any) -> None:
+    """Two sessions at 2 steps cost 40 ms each: 80 ms a round against a 50 ms budget. Both step down."""
+
+    async def main() -> None:
+        server = make_server(CostDenoiser, target_fps=20)
+        async with running(server) as url:
+            clients = [Client([INPUT]), Client([INPUT])]
+            for client in clients:
+                await client.connect(url, settings={"steps": 2})
+            sessions = [server.sessions[c.session] for c in clients]
+            for session in sessions:
+                session.adaptive.window, session.adaptive.down_windows, session.adaptive.settle = 3, 1, 0
+            await until(lambda: all(s.adaptive.level.steps == 1 for s in sessions), timeout=30)
+            await until(lambda: all(s.monitor.out.count > 10 for s in sessions), timeout=30)
+            for session in sessions:
+                snap = session.snapshot()
+                # Alone, each session's own time (20 ms) is far within the budget; the round is what counts.
+                assert snap["latency_ms"]["total"]["p50"] < 30 and snap["latency_ms"]["round"]["p50"] > 30
+                assert snap["adaptive"]["changes"][0]["to"]["steps"] == 1
+            for client in clients:
+                await client.close()
+
+    asyncio.run(main())

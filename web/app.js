@@ -478,7 +478,7 @@ function startStamper(video) {
   const ctx = canvas.getContext("2d", { alpha: false });
   const track = canvas.captureStream(0).getVideoTracks()[0];
   let next = 1;
-  const stopFrames = everyVideoFrame(video, () => {
+  const stopFrames = everyVideoFrame(video, (now, meta) => {
     const { videoWidth: width, videoHeight: height } = video;
     if (!(width >= STAMP_PATCH && height >= STAMP_PATCH) || track.readyState !== "live") return;
     if (canvas.width !== width || canvas.height !== height) Object.assign(canvas, { width, height });
@@ -486,7 +486,10 @@ function startStamper(video) {
     const id = next;
     next = (next + 1) % STAMP_ID_MODULO;
     drawStamp(ctx, id);
-    g2g.sentAt.set(id, performance.now());
+    // The camera's capture time when the browser gives it (same clock), else now: glass-to-glass
+    // then runs from capture to the processed frame's expected display.
+    const captured = meta?.captureTime;
+    g2g.sentAt.set(id, captured > 0 && captured <= performance.now() ? captured : performance.now());
     track.requestFrame();
     g2g.stampsSent++;
     state.sentSize = { width, height };
@@ -499,8 +502,10 @@ function watchOutput(video) {
   const patch = document.createElement("canvas");
   patch.width = patch.height = STAMP_PATCH;
   const ctx = patch.getContext("2d", { willReadFrequently: true });
-  everyVideoFrame(video, (now) => {
-    pushBounded(g2g.received, now);
+  everyVideoFrame(video, (now, meta) => {
+    // When the frame is expected on screen (rVFC's expectedDisplayTime), else when it was handed over.
+    const shown = meta?.expectedDisplayTime ?? now;
+    pushBounded(g2g.received, shown);
     const sent = state.sentSize;
     if (!state.stamper || !sent || !video.videoWidth || !video.videoHeight) return;
     // The patch is STAMP_PATCH px of the sent frame: scale by how the frame was resized on the way.
@@ -508,9 +513,9 @@ function watchOutput(video) {
     ctx.drawImage(video, 0, 0, STAMP_PATCH * sx, STAMP_PATCH * sy, 0, 0, STAMP_PATCH, STAMP_PATCH);
     const id = readStamp(ctx.getImageData(0, 0, STAMP_PATCH, STAMP_PATCH));
     if (id === null || !g2g.sentAt.has(id)) return;
-    const ms = now - g2g.sentAt.get(id);
+    const ms = shown - g2g.sentAt.get(id);
     g2g.sentAt.delete(id); // first sighting only; the ID is stamped again 4096 frames later
-    pushBounded(g2g.latency, { id, ms, t: now });
+    pushBounded(g2g.latency, { id, ms, t: shown });
   });
 }
 
