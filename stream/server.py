@@ -33,6 +33,7 @@ from aiortc import (
     RTCSessionDescription,
 )
 from aiortc.contrib.media import MediaRelay
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
@@ -181,6 +182,42 @@ class Viewer:
     answered: float = float("inf")  # time.monotonic() when its answer went out
 
 
+class FrameEndJitterBuffer(JitterBuffer):
+    """aiortc's video jitter buffer, but a frame leaves as soon as its last packet is in.
+
+    aiortc hands a frame to the decoder only when the first packet of the NEXT frame arrives: one
+    frame interval (42 ms at 24 FPS) of latency on every frame received. The RTP marker bit flags the
+    last packet of a video frame (RFC 7741 for VP8, RFC 6184 for H.264), so a complete run of packets
+    from the oldest one up to a marked packet is a whole frame, released at once.
+    """
+
+    def _remove_frame(self, sequence_number: int) -> JitterFrame | None:
+        frame = super()._remove_frame(sequence_number)  # a frame followed by the next one's packets
+        if frame is not None or self._origin is None:
+            return frame
+        packets: list[Any] = []
+        for count in range(self.capacity):
+            packet = self._packets[(self._origin + count) % self.capacity]
+            if packet is None or (packets and packet.timestamp != packets[0].timestamp):
+                return None  # a gap: wait for the missing packet (or the next frame, as aiortc does)
+            packets.append(packet)
+            if packet.marker:
+                self.remove(count + 1)
+                data = b"".join(p._data for p in packets)  # type: ignore[attr-defined]
+                return JitterFrame(data=data, timestamp=packets[0].timestamp)
+        return None
+
+
+def _low_latency_receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+    """Give the receiver of `track` the jitter buffer that releases frames at their last packet."""
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        if receiver.track is track and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
+            receiver._RTCRtpReceiver__jitter_buffer = FrameEndJitterBuffer(capacity=512, is_video=True)
+            return
+    logger.warning("could not lower the receive latency: this aiortc version is not the one expected")
+
+
 class ModelWorker:
     """The one thread that owns the model: the newest frame of each session, round robin."""
 
@@ -299,12 +336,9 @@ class ModelWorker:
                 self.on_output(session, out)
             except Exception:  # the virtual camera failing must not stop the stream
                 logger.exception("session %s: publishing a frame failed", session.id)
+        video = _to_video(out) if session.source is not None else None  # someone sends it: convert here
         processed = Processed(
-            out,
-            int(frame.pts or 0),
-            frame.time_base or Fraction(1, 90000),
-            time.perf_counter(),
-            _to_video(out) if session.source is not None else None,  # someone sends it: convert here
+            out, int(frame.pts or 0), frame.time_base or Fraction(1, 90000), time.perf_counter(), video
         )
         self._call(session.deliver, processed, timings, result.skipped)
 
@@ -759,6 +793,7 @@ class StreamServer:
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
             if track.kind == "video":
+                _low_latency_receiver(pc, track)
                 if session.kind == "browser":  # the page shows the output; a WHIP encoder only sends
                     pc.addTrack(self._output_track(session))
                 session.tasks.append(asyncio.create_task(self._drain_video(session, track)))

@@ -175,6 +175,8 @@ def test_round_trip_and_live_prompt_change(tiny_factory: Callable[[StreamConfig]
             assert frame.shape == INPUT.shape  # the input's size, not the model's
             session = server.sessions[client.session]
             assert session.output is not None
+            receivers = [t.receiver for t in session.pc.getTransceivers() if t.kind == "video"]
+            assert type(receivers[0]._RTCRtpReceiver__jitter_buffer).__name__ == "FrameEndJitterBuffer"
             steady = session.output.frame.copy()
             count = session.monitor.out.count
             await until(lambda: session.monitor.out.count >= count + 2)
@@ -532,3 +534,28 @@ def test_budget_counts_every_session_sharing_the_model(tiny_model_dir: Any) -> N
                 await client.close()
 
     asyncio.run(main())
+
+
+def test_frame_end_jitter_buffer_releases_a_frame_at_its_last_packet() -> None:
+    from aiortc.rtp import RtpPacket
+
+    from stream.server import FrameEndJitterBuffer
+
+    def packet(seq: int, ts: int, marker: bool, data: bytes) -> RtpPacket:
+        p = RtpPacket(payload_type=96, marker=int(marker), sequence_number=seq, timestamp=ts)
+        p._data = data  # type: ignore[attr-defined]
+        return p
+
+    buffer = FrameEndJitterBuffer(capacity=512, is_video=True)
+    assert buffer.add(packet(100, 3000, False, b"a"))[1] is None
+    _, frame = buffer.add(packet(101, 3000, True, b"b"))  # the last packet: out at once
+    assert frame is not None and frame.data == b"ab" and frame.timestamp == 3000
+    # A frame whose middle packet is late: held until it comes, then released whole.
+    assert buffer.add(packet(102, 6000, False, b"c"))[1] is None
+    assert buffer.add(packet(104, 6000, True, b"e"))[1] is None
+    _, frame = buffer.add(packet(103, 6000, False, b"d"))
+    assert frame is not None and frame.data == b"cde"
+    # Without a marker it behaves as aiortc's: out when the next frame starts.
+    assert buffer.add(packet(105, 9000, False, b"f"))[1] is None
+    _, frame = buffer.add(packet(106, 12000, False, b"g"))
+    assert frame is not None and frame.data == b"f" and frame.timestamp == 9000
