@@ -267,23 +267,27 @@ class ModelWorker:
         while not self.stopping:
             self.wake.wait(timeout=0.5)
             self.wake.clear()
-            with self.lock:
-                sessions = list(self.sessions.values())
-            for session in sessions:
-                if self.stopping:
-                    break
-                item = session.inputs.get(timeout=0)
-                if item is not None and not session.closed:
-                    self._process(session, *item)
-                if session.closed:
-                    session.denoiser = None  # free its latents, noise and embeddings now
-                    release_device_memory()
-            # A frame that arrived during the pass is picked up at once, not after the next wake.
-            if any(s.inputs.ready for s in sessions if not s.closed):
-                self.wake.set()
+            self._pass()  # in its own frame: no session stays referenced between passes
         with self.lock:
             for session in self.sessions.values():
                 session.denoiser = None
+
+    def _pass(self) -> None:
+        """The newest frame of each session, once round."""
+        with self.lock:
+            sessions = list(self.sessions.values())
+        for session in sessions:
+            if self.stopping:
+                break
+            item = session.inputs.get(timeout=0)
+            if item is not None and not session.closed:
+                self._process(session, *item)
+            if session.closed:
+                session.denoiser = None  # free its latents, noise and embeddings now
+                release_device_memory()
+        # A frame that arrived during the pass is picked up at once, not after the next wake.
+        if any(s.inputs.ready for s in sessions if not s.closed):
+            self.wake.set()
 
     def _process(self, session: Session, frame: av.VideoFrame, arrival: float) -> None:
         # 1. settings: the user's, at the adaptive controller's current level

@@ -412,6 +412,7 @@ def test_abandoned_viewers_and_closed_sessions_are_freed(
             session = server.sessions[encoder.session]
             await until(lambda: session.denoiser is not None)
             denoiser = weakref.ref(session.denoiser)  # type: ignore[arg-type]
+            whole = weakref.ref(session)
             # An offer posted, the answer never used: the viewer's place is freed after the timeout.
             ghost = RTCPeerConnection()
             ghost.addTransceiver("video", direction="recvonly")
@@ -438,5 +439,8 @@ def test_abandoned_viewers_and_closed_sessions_are_freed(
             # The closed session's model state and last frame are freed; nothing of the server keeps it.
             assert denoiser() is None and session.output is None and session.closed
             assert not server.viewers and server.published is None and not server.worker.sessions  # type: ignore[union-attr]
+            session = None  # type: ignore[assignment]
+            gc.collect()
+            assert whole() is None  # nothing (relay, viewer, worker, reaper) keeps the closed session
 
     asyncio.run(main())
