@@ -29,9 +29,10 @@ import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpSender, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
+from benchmarks.webrtc_e2e import add_stream_arguments, stream_config
 from stream import stamp
 from stream.bench import environment, photo_clip
-from stream.config import ConfigError, StreamConfig
+from stream.config import ConfigError
 from stream.denoiser import PLACEHOLDER_NOTE, load_model
 from stream.monitor import percentile
 from stream.server import ServerThread, StreamServer
@@ -156,29 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--path", choices=["whip", "offer"], default="whip", help="WHIP -> WHEP, or the page's /offer"
     )
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--size", type=int, default=256, help="sent frame and model width = height, px")
-    parser.add_argument("--steps", type=int, default=4)
-    parser.add_argument("--guidance", type=float, default=2.0)
-    parser.add_argument("--strength", type=float, default=0.6)
-    parser.add_argument("--device", default="auto")
+    add_stream_arguments(parser)
     parser.add_argument("--fps", type=float, default=24.0, help="the encoder's frame rate")
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--warmup", type=float, default=3.0)
     args = parser.parse_args(argv)
     try:
-        config = StreamConfig(
-            model=args.model,
-            width=args.size,
-            height=args.size,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            strength=args.strength,
-            device=args.device,
-            prompt="an oil painting",
-        )
-        if args.size < 64 or args.size % 2:
-            raise ConfigError(f"--size must be an even number of at least 64 px, got {args.size}")
+        config = stream_config(args)
         if not (args.seconds > 0 and args.warmup >= 0 and args.fps > 0):
             raise ConfigError("--seconds and --fps must be > 0 and --warmup >= 0")
     except ConfigError as exc:

@@ -40,18 +40,41 @@ from stream.server import ServerThread, StreamServer
 FREEZE_MS = 100.0
 
 
+def add_stream_arguments(parser: argparse.ArgumentParser) -> None:
+    """The server's model settings, shared with benchmarks.obs_e2e."""
+    parser.add_argument("--model", default="tiny", help="any model `stream serve` takes (default: tiny)")
+    parser.add_argument("--size", type=int, default=256, help="sent frame and model width = height, px")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps per frame")
+    parser.add_argument("--guidance", type=float, default=2.0, help="CFG scale; > 1 runs CFG (batched)")
+    parser.add_argument("--strength", type=float, default=0.6, help="img2img strength")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+
+
+def stream_config(args: argparse.Namespace) -> StreamConfig:
+    """The server's settings from `add_stream_arguments`; ConfigError when one is wrong."""
+    if args.size < 64 or args.size % 2:
+        raise ConfigError(
+            f"--size must be an even number of at least 64 px (the stamp is 64 px), got {args.size}"
+        )
+    return StreamConfig(
+        model=args.model,
+        width=args.size,
+        height=args.size,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        strength=args.strength,
+        device=args.device,
+        prompt="an oil painting",
+    )
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.webrtc_e2e",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default="tiny", help="any model `stream serve` takes (default: tiny)")
-    parser.add_argument("--size", type=int, default=256, help="camera and model width = height, px")
-    parser.add_argument("--steps", type=int, default=4, help="denoising steps per frame")
-    parser.add_argument("--guidance", type=float, default=2.0, help="CFG scale; > 1 runs CFG (batched)")
-    parser.add_argument("--strength", type=float, default=0.6, help="img2img strength")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    add_stream_arguments(parser)
     parser.add_argument("--seconds", type=float, default=20.0, help="measured time, after the warm-up")
     parser.add_argument("--warmup", type=float, default=5.0, help="seconds streamed before measuring")
     parser.add_argument("--target-fps", type=float, default=24.0, help="the server's budget")
@@ -67,20 +90,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     # 1. check inputs
     try:
-        config = StreamConfig(
-            model=args.model,
-            width=args.size,
-            height=args.size,
-            steps=args.steps,
-            guidance_scale=args.guidance,
-            strength=args.strength,
-            device=args.device,
-            prompt="an oil painting",
-        )
+        config = stream_config(args)
         if not (args.seconds > 0 and args.warmup >= 0):
             raise ConfigError(f"--seconds must be > 0 and --warmup >= 0, got {args.seconds}, {args.warmup}")
-        if args.size < 64:
-            raise ConfigError(f"--size must be at least 64 px (the frame-ID stamp is 64 px), got {args.size}")
         if not Path(args.chromium).exists():
             raise ConfigError(f"Chromium not found at {args.chromium}: apt-get install chromium")
         if args.plot:
