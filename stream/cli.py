@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve the browser app: webcam in, restyled video out, over WebRTC",
         description="Serve the web app on http://HOST:PORT/. Open it in a browser, allow the camera, press "
         "Start. Each browser tab is a session with its own settings; one worker thread runs the model. "
+        "OBS: send with WHIP to /whip, show the output with a Browser Source on /view, or --virtualcam. "
         "Example: stream serve --model stabilityai/sd-turbo --prompt 'a watercolor painting'",
     )
     serve.add_argument(
@@ -151,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--token",
         default=None,
-        help="require 'Authorization: Bearer TOKEN' on /offer and /stats (open the page as /?token=TOKEN)",
+        help="require 'Authorization: Bearer TOKEN' on /offer, /stats, /metrics, /whip and /whep "
+        "(open the page as /?token=TOKEN; OBS: the WHIP Bearer Token)",
     )
     serve.add_argument(
         "--idle-timeout",
