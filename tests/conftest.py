@@ -21,6 +21,18 @@ os.environ["HF_HOME"] = os.path.join(os.environ["STREAM_CACHE"], "hf")
 
 
 @pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's Chromium for the browser tests: required in CI, skipped (with the fix) elsewhere."""
+    from benchmarks.chromium import CHROMIUM
+
+    if not Path(CHROMIUM).exists():
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed: apt-get install chromium (CI installs it)")
+        pytest.skip("Chromium is not installed here: apt-get install chromium")
+    return CHROMIUM
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     from stream.denoiser import ensure_tiny_model
 

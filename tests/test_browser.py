@@ -6,12 +6,11 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from benchmarks.chromium import CHROMIUM, FRAMES_DECODED_JS, wait_connected, wait_frames_decoded
+from benchmarks.chromium import FRAMES_DECODED_JS, wait_connected, wait_frames_decoded
 from benchmarks.chromium import launch as chromium_launch
 from stream.capture import write_y4m
 from stream.config import StreamConfig
@@ -24,15 +23,6 @@ CAMERA = (256, 192)  # (w, h) of the fake camera clip
 CONFIG = StreamConfig(
     model="tiny", width=128, height=128, steps=2, strength=0.6, device="cpu", prompt="a watercolor painting"
 )
-
-
-@pytest.fixture()
-def chromium() -> Iterator[str]:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is not installed: apt-get install chromium (CI installs it)")
-        pytest.skip("Chromium is not installed here: apt-get install chromium")
-    yield CHROMIUM
 
 
 def test_browser_streams_through_the_page(chromium: str, tiny_model_dir: Path, tmp_path: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -10,7 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from benchmarks.chromium import CHROMIUM
 from stream import stamp
 
 WEB = Path(__file__).resolve().parent.parent / "web"
@@ -35,15 +33,6 @@ JS_READ_PIXELS = """([rgba, w, h]) => {
     g.putImageData(new ImageData(new Uint8ClampedArray(rgba), w, h), 0, 0);
     return window.streamApp.stamp.read(g.getImageData(0, 0, w, h));
 }"""
-
-
-@pytest.fixture(scope="module")
-def chromium() -> Iterator[str]:
-    if not Path(CHROMIUM).exists():
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is not installed: apt-get install chromium (CI installs it)")
-        pytest.skip("Chromium is not installed here: apt-get install chromium")
-    yield CHROMIUM
 
 
 @pytest.fixture(scope="module")
