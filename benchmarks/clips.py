@@ -19,8 +19,6 @@ same way: one-line usage errors with exit status 2, the machine and library vers
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import shlex
 import sys
 from collections.abc import Sequence
@@ -30,9 +28,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream.bench import CAMERA_NOISE_SIGMA, KINDS, PHOTOS, load_photo, photo_clip
+from stream.bench import CAMERA_NOISE_SIGMA, KINDS, PHOTOS, environment, load_photo, photo_clip
+from stream.bench import import_pyplot as pyplot
 
-__all__ = ["CAMERA_NOISE_SIGMA", "KINDS", "PHOTOS", "load_photo", "photo_clip"]
+__all__ = ["CAMERA_NOISE_SIGMA", "KINDS", "PHOTOS", "environment", "load_photo", "photo_clip", "pyplot"]
 
 EXIT_USAGE = 2
 
@@ -72,16 +71,6 @@ def check_plot_target(path: str | None) -> None:
         raise UsageError(f"--plot {path}: folder {parent} does not exist")
 
 
-def pyplot() -> Any:
-    """matplotlib.pyplot on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def model_note(name: str, placeholder: bool) -> str:
     """What the table header must say about a model with random weights."""
     if name.startswith("tiny"):
@@ -89,34 +78,6 @@ def model_note(name: str, placeholder: bool) -> str:
     if placeholder:
         return "full-size architecture with random weights: speed numbers only, the images mean nothing"
     return "real weights"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def environment(device: torch.device) -> dict[str, Any]:
-    """Versions and hardware, for the JSON line."""
-    import diffusers
-
-    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
-    return {
-        "device": str(device),
-        "gpu": gpu,
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "cpu": cpu_name(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-    }
 
 
 def synchronize(device: torch.device) -> None:

@@ -192,8 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "received_fps": round(found["received"] / args.seconds, 2),
         "freezes": sum(g > FREEZE_MS for g in gaps),
         "longest_gap_ms": _round(max(gaps)) if gaps else None,
-        "device": str(components.unet.device),
-        **environment(components.unet.device.type),
+        **environment(components.unet.device),
         "command": " ".join(["python -m benchmarks.obs_e2e", *(sys.argv[1:] if argv is None else argv)]),
     }
     print(

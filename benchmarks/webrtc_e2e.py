@@ -186,8 +186,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "server_fps_in": snapshot["fps_in"],
         "server_fps_out": snapshot["fps_out"],
         "server_latency_ms": snapshot["latency_ms"],
-        "device": str(components.unet.device),
-        **environment(components.unet.device.type),
+        **environment(components.unet.device),
         "command": " ".join(["python -m benchmarks.webrtc_e2e", *(sys.argv[1:] if argv is None else argv)]),
     }
     print_table(result)

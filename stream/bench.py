@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -159,7 +160,6 @@ def run(
             "benchmark": "latency",
             "model": components.name,
             "placeholder": components.placeholder,
-            "device": str(denoiser.device),
             "dtype": str(denoiser.dtype).replace("torch.", ""),
             "width": config.width,
             "height": config.height,
@@ -172,7 +172,7 @@ def run(
             "frames": frames,
             "warmup": warmup,
             "clip": f"{motion} over scikit-image's {photo}",
-            **environment(denoiser.device.type),
+            **environment(denoiser.device),
         }
     )
     summary["records"] = records
@@ -206,20 +206,32 @@ def summarize(records: list[dict[str, float]], elapsed: float, target_fps: float
     }
 
 
-def environment(device_type: str) -> dict[str, Any]:
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment(device: Any) -> dict[str, Any]:
+    """Versions and hardware of a run on `device` (a torch.device), for a benchmark's JSON line."""
     import diffusers
     import torch
 
-    env = {
+    return {
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
     }
-    if device_type == "cuda":
-        env["gpu"] = torch.cuda.get_device_name()
-    return env
 
 
 def print_table(summary: dict[str, Any], out: TextIO = sys.stdout) -> None:

@@ -337,9 +337,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_viewers=args.max_viewers,
         virtualcam=virtualcam,
     )
-    url = f"http://{args.host}:{args.port}/" + (f"?token={args.token}" if args.token else "")
-    print(f"stream: serving {components.name} on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     base = f"http://{args.host}:{args.port}"
+    url = f"{base}/" + (f"?token={args.token}" if args.token else "")
+    print(f"stream: serving {components.name} on {url} (Ctrl-C to stop)", file=sys.stderr, flush=True)
     print(
         f"stream: OBS: WHIP server {base}/whip, browser source {base}/view"
         + (f", virtual camera {virtualcam.device or 'on'}" if virtualcam is not None else ""),
@@ -360,8 +360,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stream import bench
 
     config = config_from_args(args)
-    if not math.isfinite(args.target_fps):
-        raise UsageError(f"--target-fps must be a number > 0, got {args.target_fps}")
+    check_budget_arguments(args)
     if args.plot:
         bench.import_pyplot()  # fail before the slow part when matplotlib is missing
         if not Path(args.plot).parent.is_dir():
