@@ -50,6 +50,7 @@ from benchmarks.clips import (
     synchronize,
     usage_error,
 )
+from stream import schedule
 
 PROG = "compare_diffusers"
 MODULE = "benchmarks.compare_diffusers"
@@ -107,14 +108,13 @@ class Benchmark:
     def __init__(self, components: Any, config: Any) -> None:
         from diffusers import DDIMScheduler, StableDiffusionImg2ImgPipeline
 
-        from stream import temporal
         from stream.denoiser import StreamDenoiser
 
         self.config = config
         self.components = components
         self.denoiser = StreamDenoiser(components, config)
         self.device = self.denoiser.device
-        self.inference_steps = temporal.inference_steps_for(config.steps, config.strength)
+        self.inference_steps = schedule.inference_steps_for(config.steps, config.strength)
         self.pipe = StableDiffusionImg2ImgPipeline(
             vae=components.vae,
             text_encoder=components.text_encoder,
@@ -136,12 +136,11 @@ class Benchmark:
     @classmethod
     def load(cls, config: Any) -> Benchmark:
         """Load the model; a model, device or size that cannot work becomes a UsageError."""
-        from stream import temporal
         from stream.config import ConfigError
-        from stream.denoiser import ModelError, load_model
+        from stream.models import ModelError, load_model
 
         try:
-            temporal.inference_steps_for(config.steps, config.strength)
+            schedule.inference_steps_for(config.steps, config.strength)
         except ValueError as exc:
             raise UsageError(str(exc)) from exc
         try:

@@ -33,7 +33,7 @@ from benchmarks.webrtc_e2e import add_stream_arguments, stream_config
 from stream import stamp
 from stream.bench import environment, photo_clip
 from stream.config import ConfigError
-from stream.denoiser import PLACEHOLDER_NOTE, load_model
+from stream.models import PLACEHOLDER_NOTE, load_model
 from stream.monitor import percentile
 from stream.server import ServerThread, StreamServer
 

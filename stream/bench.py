@@ -24,7 +24,8 @@ import cv2
 import numpy as np
 
 from stream.config import StreamConfig
-from stream.denoiser import PLACEHOLDER_NOTE, StreamDenoiser, load_model
+from stream.denoiser import StreamDenoiser
+from stream.models import PLACEHOLDER_NOTE, load_model
 from stream.monitor import percentile, stage_names
 
 

@@ -19,7 +19,8 @@ from stream import __version__
 from stream.bench import PHOTOS, BenchError
 from stream.capture import SinkError, SourceError, VirtualCamSink, open_sink, open_source
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
-from stream.denoiser import STAGES, ModelError, StreamDenoiser, load_model
+from stream.denoiser import STAGES, StreamDenoiser
+from stream.models import ModelError, load_model
 from stream.monitor import AdaptiveController, LatencyMonitor, RollingStats, build_ladder
 
 logger = logging.getLogger(__name__)

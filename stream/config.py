@@ -13,6 +13,18 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 MAX_STEPS = 5
 MAX_SIDE = 2048
 MAX_TRAIN_TIMESTEPS = 1000  # SD-family models are trained on 1000 timesteps
+# Settings that need the model to be loaded again; everything else can change live.
+RELOAD_FIELDS = ("model", "vae", "device", "dtype", "attention")
+# What a page or control message may change live, by the names the page uses; anything else is refused.
+LIVE_SETTINGS = (
+    "prompt",
+    "negative_prompt",
+    "strength",
+    "guidance_scale",
+    "steps",
+    "seed",
+    "latent_feedback",
+)
 
 
 class ConfigError(ValueError):

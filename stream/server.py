@@ -43,7 +43,9 @@ from prometheus_client.registry import Collector
 from stream import stamp
 from stream.capture import FrameSink, LatestFrameSlot, SinkError
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import Components, FrameResult, StreamDenoiser, release_device_memory
+from stream.denoiser import FrameResult, StreamDenoiser
+from stream.devices import release_device_memory
+from stream.models import Components
 from stream.monitor import AdaptiveController, LatencyMonitor, build_ladder
 
 logger = logging.getLogger(__name__)

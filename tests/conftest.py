@@ -34,7 +34,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
-    from stream.denoiser import ensure_tiny_model
+    from stream.models import ensure_tiny_model
 
     return ensure_tiny_model()
 

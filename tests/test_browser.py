@@ -14,7 +14,7 @@ from benchmarks.chromium import FRAMES_DECODED_JS, wait_connected, wait_frames_d
 from benchmarks.chromium import launch as chromium_launch
 from stream.capture import write_y4m
 from stream.config import StreamConfig
-from stream.denoiser import load_model
+from stream.models import load_model
 from stream.server import ServerThread, StreamServer
 from tests.conftest import pan_clip
 

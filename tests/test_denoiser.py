@@ -19,16 +19,10 @@ from diffusers import (
 )
 from PIL import Image
 
-from stream import temporal
+from stream import schedule
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import (
-    STAGES,
-    Components,
-    ModelError,
-    StreamDenoiser,
-    build_tiny_pipeline,
-    random_arch_configs,
-)
+from stream.denoiser import STAGES, StreamDenoiser
+from stream.models import Components, ModelError, build_tiny_pipeline, random_arch_configs
 from tests.conftest import pan_clip, photo
 
 SIZE = 128  # the tiny model's autoencoder downsamples by 16: 8x8 latents
@@ -70,7 +64,7 @@ def float_output(denoiser: StreamDenoiser, frame: np.ndarray) -> torch.Tensor:
 
 
 def temporal_geometry(denoiser: StreamDenoiser, frame: np.ndarray):  # type: ignore[no-untyped-def]
-    from stream.denoiser import letterbox_geometry
+    from stream.frames import letterbox_geometry
 
     return letterbox_geometry(frame.shape[:2], (denoiser.config.height, denoiser.config.width))
 
@@ -89,7 +83,7 @@ def test_ddim_matches_img2img_pipeline(
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     frame = square_photo()
-    total = temporal.inference_steps_for(steps, strength)
+    total = schedule.inference_steps_for(steps, strength)
     expected = pipe(
         prompt=config.prompt,
         image=Image.fromarray(frame),
@@ -168,7 +162,7 @@ def test_ddim_with_autoencoder_kl_matches_img2img_pipeline(guidance: float) -> N
             prompt=config.prompt,
             image=latent,
             strength=0.7,
-            num_inference_steps=temporal.inference_steps_for(3, 0.7),
+            num_inference_steps=schedule.inference_steps_for(3, 0.7),
             guidance_scale=guidance,
             generator=torch.Generator().manual_seed(config.seed),
             output_type="pt",

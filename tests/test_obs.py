@@ -19,7 +19,8 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 from stream import stamp
 from stream.cli import main
 from stream.config import StreamConfig
-from stream.denoiser import StreamDenoiser, load_model
+from stream.denoiser import StreamDenoiser
+from stream.models import load_model
 from stream.server import StreamServer
 from tests.conftest import pan_clip
 from tests.test_server import CONFIG, ClipTrack, running, until

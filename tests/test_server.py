@@ -22,7 +22,8 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 from stream import stamp
 from stream.config import StreamConfig
-from stream.denoiser import FrameResult, StreamDenoiser, load_model
+from stream.denoiser import FrameResult, StreamDenoiser
+from stream.models import load_model
 from stream.server import StreamServer
 from tests.conftest import pan_clip
 

@@ -1,0 +1,186 @@
+"""Pure per-step math for streaming img2img: timestep rules, add-noise, DDIM/LCM steps, CFG.
+
+Every input is in the signature, tensors out; nothing here holds state. The denoiser precomputes a
+`Schedule` once per (steps, strength, scheduler) and runs the step functions on it frame after frame;
+tests compare each function with diffusers' `DDIMScheduler` / `LCMScheduler`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Everything a frame's denoising loop needs, precomputed: k timesteps and their coefficients."""
+
+    timesteps: tuple[int, ...]  # (k,) descending
+    alphas: torch.Tensor  # (k,) alpha_cumprod at each timestep
+    alphas_prev: torch.Tensor  # (k,) alpha_cumprod at the step each one lands on
+    c_skip: torch.Tensor | None = None  # (k,) LCM boundary-condition scalings; None for DDIM
+    c_out: torch.Tensor | None = None
+
+
+def inference_steps_for(steps: int, strength: float) -> int:
+    """The total DDIM step count N whose last `steps` timesteps an img2img run at `strength` uses.
+
+    diffusers' img2img keeps int(N * strength) of N steps; this is the smallest N for which that is `steps`.
+    """
+    if steps < 1 or not 0.0 < strength <= 1.0:
+        raise ValueError(f"need steps >= 1 and strength in (0, 1], got steps={steps}, strength={strength}")
+    total = max(steps, math.ceil(steps / strength - 1e-9))
+    while min(int(total * strength), total) < steps:
+        total += 1
+    if min(int(total * strength), total) != steps:
+        raise ValueError(f"no DDIM schedule gives exactly {steps} steps at strength {strength}")
+    return total
+
+
+def ddim_timesteps(
+    steps: int,
+    strength: float,
+    num_train_timesteps: int = 1000,
+    spacing: str = "leading",
+    steps_offset: int = 0,
+) -> tuple[list[int], list[int]]:
+    """Timesteps and the ones each DDIM step lands on, for `steps` steps at img2img `strength`.
+
+    Same grid as `DDIMScheduler.set_timesteps(N)` (DDIM, Song et al. 2021, eq. 12) truncated as in
+    `StableDiffusionImg2ImgPipeline.get_timesteps`; the landing step is t - T // N as in diffusers.
+    """
+    total = inference_steps_for(steps, strength)
+    T = num_train_timesteps
+    if total > T:
+        raise ValueError(
+            f"strength {strength} is too low for {steps} steps: at least {steps / T:g} is needed"
+        )
+    if spacing == "linspace":
+        grid = np.linspace(0, T - 1, total).round()[::-1].astype(np.int64)
+    elif spacing == "leading":
+        grid = (np.arange(0, total) * (T // total)).round()[::-1].astype(np.int64) + steps_offset
+    elif spacing == "trailing":
+        grid = np.round(np.arange(T, 0, -T / total)).astype(np.int64) - 1
+    else:
+        raise ValueError(f"timestep spacing must be one of {', '.join(TIMESTEP_SPACINGS)}, got {spacing!r}")
+    timesteps = [int(t) for t in grid[total - steps :]]
+    return timesteps, [t - T // total for t in timesteps]
+
+
+def lcm_timesteps(
+    steps: int, strength: float, num_train_timesteps: int = 1000, original_steps: int = 50
+) -> list[int]:
+    """LCM inference timesteps (Luo et al. 2023, sec. 4.3) as `LCMScheduler.set_timesteps(k, strength=s)`."""
+    skip = num_train_timesteps // original_steps
+    origin = np.arange(1, int(original_steps * strength) + 1) * skip - 1
+    if len(origin) // steps < 1:
+        raise ValueError(
+            f"LCM with strength {strength} keeps {len(origin)} of {original_steps} training timesteps, fewer "
+            f"than steps={steps}: raise strength to at least {steps / original_steps:.2f} or lower steps"
+        )
+    origin = origin[::-1]
+    indices = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in origin[indices]]
+
+
+def alpha_at(alphas_cumprod: torch.Tensor, timesteps: Sequence[int], final_alpha: float) -> torch.Tensor:
+    """alpha_cumprod at each timestep; `final_alpha` where a step lands below 0 (DDIM's final step)."""
+    return torch.stack(
+        [
+            alphas_cumprod[t] if t >= 0 else torch.tensor(final_alpha, dtype=alphas_cumprod.dtype)
+            for t in timesteps
+        ]
+    )
+
+
+def lcm_boundary_scalings(
+    timesteps: Sequence[int], timestep_scaling: float = 10.0, sigma_data: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consistency-model boundary condition c_skip, c_out (Song et al. 2023, eq. 6; LCM's discrete form)."""
+    t = torch.tensor(timesteps, dtype=torch.float64) * timestep_scaling
+    c_skip = sigma_data**2 / (t**2 + sigma_data**2)
+    c_out = t / (t**2 + sigma_data**2) ** 0.5
+    return c_skip.float(), c_out.float()
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion q(x_t | x_0) = sqrt(a) x_0 + sqrt(1 - a) eps (Ho et al. 2020, eq. 4)."""
+    alpha = alpha.to(device=x0.device, dtype=x0.dtype)
+    return alpha.sqrt() * x0 + (1 - alpha).sqrt() * noise
+
+
+def predict_x0_eps(
+    sample: torch.Tensor, model_output: torch.Tensor, alpha: torch.Tensor, prediction_type: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_0, eps) from a model output of the given parameterization (Salimans & Ho 2022 for v)."""
+    a, b = alpha.sqrt(), (1 - alpha).sqrt()
+    if prediction_type == "epsilon":
+        return (sample - b * model_output) / a, model_output
+    if prediction_type == "v_prediction":
+        return a * sample - b * model_output, a * model_output + b * sample
+    if prediction_type == "sample":
+        return model_output, (sample - a * model_output) / b
+    raise ValueError(f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}, got {prediction_type!r}")
+
+
+def ddim_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Deterministic DDIM step x_t -> x_prev, eta = 0 (Song et al. 2021, eq. 12); returns (x_prev, x_0)."""
+    x0, eps = predict_x0_eps(sample, model_output, alpha, prediction_type)
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
+    return alpha_prev.sqrt() * x0 + (1 - alpha_prev).sqrt() * eps, x0
+
+
+def lcm_step(
+    sample: torch.Tensor,
+    model_output: torch.Tensor,
+    alpha: torch.Tensor,
+    alpha_prev: torch.Tensor,
+    c_skip: torch.Tensor,
+    c_out: torch.Tensor,
+    noise: torch.Tensor | None,
+    prediction_type: str = "epsilon",
+    clip_sample: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """LCM multistep step (Luo et al. 2023, alg. 3): boundary-conditioned x_0, re-noised to the next timestep.
+
+    Returns (x_prev, denoised); `noise` is None on the last step, where x_prev is the denoised sample.
+    """
+    x0, _ = predict_x0_eps(sample, model_output, alpha, prediction_type)
+    if clip_sample is not None:
+        x0 = x0.clamp(-clip_sample, clip_sample)
+    denoised = c_out * x0 + c_skip * sample
+    if noise is None:
+        return denoised, denoised
+    return alpha_prev.sqrt() * denoised + (1 - alpha_prev).sqrt() * noise, denoised
+
+
+def cfg_combine(noise_uncond: torch.Tensor, noise_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance e_u + w (e_c - e_u) (Ho & Salimans 2022, eq. 6)."""
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+
+def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tensor:
+    """Sinusoidal embedding of the guidance weight w for guidance-distilled UNets (LCM, Luo et al. 2023)."""
+    w = w * 1000.0
+    half = embedding_dim // 2
+    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(math.log(10000.0) / (half - 1)))
+    emb = w.float()[:, None] * freq[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if embedding_dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb  # (B, embedding_dim)
