@@ -191,7 +191,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def load(config: Any) -> Any:
     from stream.config import ConfigError
-    from stream.denoiser import ModelError, StreamDenoiser, load_model
+    from stream.denoiser import StreamDenoiser
+    from stream.models import ModelError, load_model
 
     try:
         return StreamDenoiser(load_model(config), config)

@@ -33,7 +33,7 @@ from benchmarks.chromium import launch as chromium_launch
 from stream.bench import environment, import_pyplot, photo_clip
 from stream.capture import write_y4m
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import PLACEHOLDER_NOTE, load_model
+from stream.models import PLACEHOLDER_NOTE, load_model
 from stream.monitor import percentile
 from stream.server import ServerThread, StreamServer
 
