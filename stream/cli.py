@@ -17,9 +17,9 @@ import cv2
 
 from stream import __version__
 from stream.bench import PHOTOS, BenchError
-from stream.capture import SinkError, SourceError, VirtualCamSink, open_sink, open_source
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
 from stream.denoiser import STAGES, StreamDenoiser
+from stream.media import SinkError, SourceError, VirtualCamSink, open_sink, open_source
 from stream.models import ModelError, load_model
 from stream.monitor import AdaptiveController, LatencyMonitor, RollingStats, build_ladder
 

@@ -12,8 +12,8 @@ import pytest
 
 from benchmarks.chromium import FRAMES_DECODED_JS, wait_connected, wait_frames_decoded
 from benchmarks.chromium import launch as chromium_launch
-from stream.capture import write_y4m
 from stream.config import StreamConfig
+from stream.media import write_y4m
 from stream.models import load_model
 from stream.server import ServerThread, StreamServer
 from tests.conftest import pan_clip

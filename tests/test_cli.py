@@ -14,8 +14,8 @@ import av
 import numpy as np
 import pytest
 
-from stream.capture import VideoFileSink
 from stream.cli import main
+from stream.media import VideoFileSink
 from tests.conftest import pan_clip
 
 SMALL = ["--model", "tiny", "--width", "128", "--height", "128", "--steps", "2", "--prompt", "a cat", "-q"]

@@ -401,9 +401,9 @@ def test_abandoned_viewers_and_closed_sessions_are_freed(
     import gc
     import weakref
 
-    import stream.server
+    import stream.server.app
 
-    monkeypatch.setattr(stream.server, "VIEWER_CONNECT_TIMEOUT", 1.0)
+    monkeypatch.setattr(stream.server.app, "VIEWER_CONNECT_TIMEOUT", 1.0)
 
     async def main() -> None:
         server = make_server(tiny_factory, max_viewers=1, ice_servers=["turn:user:hunter2@127.0.0.1:3478"])

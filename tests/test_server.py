@@ -540,7 +540,7 @@ def test_budget_counts_every_session_sharing_the_model(tiny_model_dir: Any) -> N
 def test_frame_end_jitter_buffer_releases_a_frame_at_its_last_packet() -> None:
     from aiortc.rtp import RtpPacket
 
-    from stream.server import FrameEndJitterBuffer
+    from stream.server.rtc import FrameEndJitterBuffer
 
     def packet(seq: int, ts: int, marker: bool, data: bytes) -> RtpPacket:
         p = RtpPacket(payload_type=96, marker=int(marker), sequence_number=seq, timestamp=ts)

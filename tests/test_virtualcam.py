@@ -1,4 +1,4 @@
-"""Tests for stream.capture.VirtualCamSink: fixed-rate sending, repeats, resizing, closing, errors.
+"""Tests for stream.media.VirtualCamSink: fixed-rate sending, repeats, resizing, closing, errors.
 
 A fake backend is registered through pyvirtualcam's real backend registry, so every frame goes
 through the real `pyvirtualcam.Camera` (its shape checks and flattening) before the fake records it.
@@ -22,8 +22,13 @@ pyvirtualcam = pytest.importorskip("pyvirtualcam")
 from pyvirtualcam import camera as pyvirtualcam_camera  # noqa: E402
 from pyvirtualcam.util import encode_fourcc  # noqa: E402
 
-from stream import capture  # noqa: E402
-from stream.capture import SinkError, SyntheticSource, VirtualCamSink, open_sink  # noqa: E402
+from stream.media import (  # noqa: E402
+    SinkError,
+    SyntheticSource,
+    VirtualCamSink,
+    open_sink,
+    virtualcam,  # noqa: E402
+)
 
 BACKEND = "stream-test"
 
@@ -175,7 +180,7 @@ def test_frame_of_a_new_size_is_resized_to_the_camera(caplog: pytest.LogCaptureF
     large = frames(1, 128, 96)[0]
     other = frames(1, 40, 40)[0]
     sink = VirtualCamSink(fps=50.0, backend=BACKEND)
-    with caplog.at_level(logging.INFO, logger="stream.capture"), sink:
+    with caplog.at_level(logging.INFO, logger="stream.media.virtualcam"), sink:
         sink.write(small)
         assert wait_until(lambda: sink.frames_sent >= 1)
         sink.write(large)
@@ -315,7 +320,7 @@ def test_unknown_backend_fails_fast_with_the_fix(
 def test_missing_v4l2loopback_device_fails_fast(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # Only the built-in Linux backend (played by the fake), and a /dev without any videoN.
     monkeypatch.setattr(pyvirtualcam_camera, "BACKENDS", {"v4l2loopback": FakeBackend})
-    monkeypatch.setattr(capture, "_DEV_DIR", tmp_path)
+    monkeypatch.setattr(virtualcam, "_DEV_DIR", tmp_path)
     monkeypatch.setattr("sys.platform", "linux")
     with pytest.raises(SinkError, match="no v4l2loopback device") as info:
         VirtualCamSink()

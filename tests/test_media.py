@@ -1,4 +1,4 @@
-"""Tests for stream.capture: the latest-only slot, sources, sinks and their error messages."""
+"""Tests for stream.media: the latest-only slot, sources, sinks and their error messages."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from skimage import data
 
-from stream.capture import (
+from stream.media import (
     LatestFrameSlot,
     SinkError,
     SourceError,

@@ -1,0 +1,409 @@
+"""`stream serve`: the aiohttp app. Routes, auth, lifecycle, /health and /stats; sessions' data channels
+and clean-up. The event loop only moves frames and messages; it never runs the model (server/worker.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+from aiohttp import web
+from aiortc import (
+    MediaStreamTrack,
+    RTCDataChannel,
+)
+from aiortc.mediastreams import MediaStreamError
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
+
+from stream.config import LIVE_SETTINGS, ConfigError, StreamConfig
+from stream.denoiser import StreamDenoiser
+from stream.media import FrameSink, SinkError
+from stream.models import Components
+from stream.monitor import LatencyMonitor
+from stream.server import signaling
+from stream.server.metrics import Metrics
+from stream.server.rtc import discard, low_latency_receiver, parse_ice_server
+from stream.server.session import (
+    TELEMETRY_INTERVAL,
+    DenoiserFactory,
+    ProcessedTrack,
+    Session,
+    Viewer,
+    apply_settings,
+)
+from stream.server.signaling import MAX_BODY, error
+from stream.server.worker import ModelWorker
+
+logger = logging.getLogger(__name__)
+
+VIEWER_CONNECT_TIMEOUT = 15.0  # seconds a WHEP viewer may take to connect before its place is freed
+
+WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+
+
+class StreamServer:
+    """Sessions, signaling and stats for one loaded model."""
+
+    def __init__(
+        self,
+        config: StreamConfig,
+        factory: DenoiserFactory,
+        *,
+        model_name: str,
+        placeholder: bool,
+        max_sessions: int = 4,
+        token: str | None = None,
+        ice_servers: list[str] | None = None,
+        idle_timeout: float = 30.0,
+        target_fps: float = 24.0,
+        adaptive: bool = True,
+        max_viewers: int = 16,
+        virtualcam: FrameSink | None = None,
+    ) -> None:
+        self.config = config
+        self.max_viewers = max_viewers
+        self.virtualcam = virtualcam  # gets the output of the newest session (`published`)
+        self.published: Session | None = None
+        self.viewers: dict[str, Viewer] = {}
+        self.target_fps = LatencyMonitor(target_fps).target_fps  # validated
+        self.adaptive = adaptive
+        self.factory = factory
+        self.model_name = model_name
+        self.placeholder = placeholder
+        self.max_sessions = max_sessions
+        self.token = token
+        self.ice_servers = [parse_ice_server(s) for s in ice_servers or []]
+        self.idle_timeout = idle_timeout
+        self.sessions: dict[str, Session] = {}
+        self.worker: ModelWorker | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self.started = time.monotonic()
+        self.sessions_started = 0
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.registry.register(Metrics(self))
+        self.frame_seconds = Histogram(
+            "stream_frame_seconds",
+            "Model time per processed frame (preprocess to postprocess), all sessions",
+            buckets=(0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5),
+            registry=self.registry,
+        )
+
+    @classmethod
+    def for_components(cls, config: StreamConfig, components: Components, **options: Any) -> StreamServer:
+        """A server whose sessions each get a StreamDenoiser over the one loaded set of `components`."""
+        return cls(
+            config,
+            lambda session_config: StreamDenoiser(components, session_config),
+            model_name=components.name,
+            placeholder=components.placeholder,
+            **options,
+        )
+
+    # ------------------------------------------------------------------ app
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])
+        app.router.add_get("/", self.index)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/stats", self.stats)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_post("/offer", functools.partial(signaling.offer, self))
+        app.router.add_get("/view", self.view)
+        # WHIP (RFC 9725) ingest and WHEP playback; no trickle ICE: offers carry all their candidates
+        app.router.add_post("/whip", functools.partial(signaling.whip, self))
+        app.router.add_delete("/whip/{session}", functools.partial(signaling.whip_delete, self))
+        app.router.add_post("/whep", functools.partial(signaling.whep, self))
+        app.router.add_post("/whep/{session}", functools.partial(signaling.whep, self))
+        app.router.add_delete("/whep/{session}/{viewer}", functools.partial(signaling.whep_delete, self))
+        for path in ("/whip", "/whip/{session}", "/whep", "/whep/{session}", "/whep/{session}/{viewer}"):
+            app.router.add_route("OPTIONS", path, functools.partial(signaling.preflight, self))
+            app.router.add_route("PATCH", path, functools.partial(signaling.no_trickle, self))
+        if WEB_DIR.is_dir():
+            app.router.add_static("/static", WEB_DIR, follow_symlinks=False)
+        app.on_startup.append(self._startup)
+        app.on_shutdown.append(self._shutdown)
+        return app
+
+    async def _startup(self, app: web.Application) -> None:
+        self.worker = ModelWorker(
+            self.factory,
+            asyncio.get_running_loop(),
+            self.config,
+            on_frame=self.frame_seconds.observe,
+            on_output=self._publish if self.virtualcam is not None else None,
+        )
+        self.worker.start()
+        self._reaper = asyncio.create_task(self._reap())
+
+    async def _shutdown(self, app: web.Application) -> None:
+        if self._reaper:
+            self._reaper.cancel()
+        await asyncio.gather(
+            *(self.close_session(s, "server shutting down") for s in list(self.sessions.values()))
+        )
+        if self.worker:
+            await asyncio.to_thread(self.worker.stop)
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        cors = request.path.startswith(("/whip", "/whep"))  # cross-origin clients must see the status
+        try:
+            return await handler(request)
+        except web.HTTPRequestEntityTooLarge:
+            return error(413, f"request body too large: at most {MAX_BODY // 1024} KiB", cors=cors)
+        except web.HTTPException as exc:
+            if exc.status >= 400 and exc.content_type != "application/json":
+                response = error(exc.status, exc.reason, cors=cors)
+                if "Allow" in exc.headers:  # 405 says which methods are
+                    response.headers["Allow"] = exc.headers["Allow"]
+                return response
+            raise
+
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        guarded = request.path in ("/offer", "/stats", "/metrics") or request.path.startswith(
+            ("/whip", "/whep")
+        )
+        if self.token and guarded and request.method != "OPTIONS":  # CORS preflights carry no token
+            given = request.headers.get("Authorization", "")
+            expected = f"Bearer {self.token}".encode()
+            if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+                return error(
+                    401,
+                    "missing or wrong token: send the header 'Authorization: Bearer <token>'",
+                    cors=request.path.startswith(("/whip", "/whep")),
+                )
+        return await handler(request)
+
+    # ------------------------------------------------------------------ handlers
+    async def index(self, request: web.Request) -> web.StreamResponse:
+        page = WEB_DIR / "index.html"
+        if not page.is_file():
+            return error(404, "the web page is not installed (web/index.html is missing)")
+        return web.FileResponse(page)
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "status": "ok",
+                "model": self.model_name,
+                "placeholder": self.placeholder,
+                "sessions": len(self.sessions),
+                "max_sessions": self.max_sessions,
+                "auth": bool(self.token),
+                "ice_servers": [
+                    {"urls": s.urls, "username": s.username, "credential": s.credential}
+                    for s in self.ice_servers
+                ],
+                "settings": {
+                    name: getattr(self.config, name) for name in (*LIVE_SETTINGS, "width", "height")
+                },
+            }
+        )
+
+    async def stats(self, request: web.Request) -> web.Response:
+        sessions = [s.snapshot() for s in self.sessions.values()]
+        return web.json_response(
+            {
+                "model": self.model_name,
+                "placeholder": self.placeholder,
+                "uptime_s": round(time.monotonic() - self.started, 1),
+                "target_fps": self.target_fps,
+                "budget_ms": round(1000.0 / self.target_fps, 2),
+                "adaptive": self.adaptive,
+                "sessions": sessions,
+                "session_count": len(sessions),
+                "fps_out": round(sum(s["fps_out"] for s in sessions), 2),
+                "fps_in": round(sum(s["fps_in"] for s in sessions), 2),
+                "drops": sum(s["drops"] for s in sessions),
+                "skipped": sum(s["skipped"] for s in sessions),
+            }
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def view(self, request: web.Request) -> web.StreamResponse:
+        page = WEB_DIR / "view.html"
+        if not page.is_file():
+            return error(404, "the viewer page is not installed (web/view.html is missing)")
+        return web.FileResponse(page)
+
+    def output_track(self, session: Session) -> MediaStreamTrack:
+        """A consumer's view of the session's output: one processed track, relayed without buffering."""
+        if session.source is None:
+            session.source = ProcessedTrack(session)
+        return session.relay.subscribe(session.source, buffered=False)
+
+    def _publish(self, session: Session, frame: np.ndarray) -> None:
+        """On the worker thread: the newest session's output goes to the virtual camera."""
+        camera = self.virtualcam
+        if session is self.published and camera is not None:
+            try:
+                camera.write(frame)
+            except SinkError as exc:  # the camera went away: say so once, keep streaming
+                logger.error("virtual camera stopped, no longer publishing: %s", exc)
+                self.virtualcam = None
+
+    async def close_viewer(self, viewer: Viewer, reason: str) -> None:
+        if viewer.closed:
+            return
+        viewer.closed = True
+        logger.info("viewer %s closed: %s", viewer.id, reason)
+        self.viewers.pop(viewer.id, None)
+        viewer.session.viewers.pop(viewer.id, None)
+        viewer.track.stop()
+        with contextlib.suppress(Exception):
+            await viewer.pc.close()
+
+    # ------------------------------------------------------------------ sessions
+    def _wire(self, session: Session) -> None:
+        pc = session.pc
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "video":
+                low_latency_receiver(pc, track)
+                if session.kind == "browser":  # the page shows the output; a WHIP encoder only sends
+                    pc.addTrack(self.output_track(session))
+                session.tasks.append(asyncio.create_task(self._drain_video(session, track)))
+            else:  # audio (OBS sends it): consumed and discarded, or it would pile up
+                session.tasks.append(asyncio.create_task(discard(track)))
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            if channel.label == "control":
+                session.control = channel
+                channel.on("message", lambda message: self.on_control(session, message))
+            elif channel.label == "telemetry":
+                session.telemetry = channel
+                session.tasks.append(asyncio.create_task(self._telemetry(session, channel)))
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            logger.info("session %s: connection %s", session.id, pc.connectionState)
+            if pc.connectionState in ("failed", "closed"):
+                await self.close_session(session, f"connection {pc.connectionState}")
+
+    async def _drain_video(self, session: Session, track: MediaStreamTrack) -> None:
+        """Incoming frames into the latest-only slot; the worker takes the newest."""
+        try:
+            while not session.closed:
+                frame = await track.recv()
+                if not isinstance(frame, av.VideoFrame):
+                    continue
+                session.last_input = time.monotonic()
+                session.monitor.frame_in()
+                session.inputs.put((frame, session.last_input))
+                if self.worker:
+                    self.worker.notify()
+        except MediaStreamError:
+            pass
+
+    async def _telemetry(self, session: Session, channel: RTCDataChannel) -> None:
+        while not session.closed:
+            await asyncio.sleep(TELEMETRY_INTERVAL)
+            if channel.readyState == "open":
+                channel.send(json.dumps({"type": "telemetry", **session.snapshot()}))
+
+    def on_control(self, session: Session, message: object) -> None:
+        """A settings change from the page: validated here, applied by the worker from the next frame."""
+        channel = session.control
+        try:
+            data = json.loads(message) if isinstance(message, str) and len(message) <= MAX_BODY else None
+        except (ValueError, RecursionError):  # not JSON, too deep, numbers too long
+            data = None
+        try:
+            if not isinstance(data, dict) or data.get("type") != "settings":
+                raise ConfigError('control messages are JSON {"type": "settings", ...} of at most 64 KiB')
+            changes = {k: v for k, v in data.items() if k != "type"}
+            session.config = apply_settings(session.config, changes)
+            reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
+        except ConfigError as exc:
+            reply = {"type": "error", "message": str(exc)}
+        if channel is not None and channel.readyState == "open":
+            channel.send(json.dumps(reply))
+
+    async def close_session(self, session: Session, reason: str) -> None:
+        if session.closed:
+            return
+        session.closed = True
+        logger.info("session %s closed: %s", session.id, reason)
+        self.sessions.pop(session.id, None)
+        if self.published is session:  # the virtual camera and `POST /whep` move to the newest one left
+            self.published = max(self.sessions.values(), key=lambda s: s.created, default=None)
+        await asyncio.gather(
+            *(self.close_viewer(v, "its session ended") for v in list(session.viewers.values()))
+        )
+        if self.worker:
+            self.worker.remove(session)
+        session.inputs.close()
+        session.denoiser = None  # the worker drops its own reference after any frame in flight
+        session.output = None
+        session.output_ready.set()
+        for task in session.tasks:
+            task.cancel()
+        await asyncio.gather(*session.tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await session.pc.close()
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._reap_once()  # its own frame: no session stays referenced between rounds
+
+    async def _reap_once(self) -> None:
+        """Close sessions whose peer went quiet (no video for idle_timeout seconds), and viewers that
+        never connected."""
+        now = time.monotonic()
+        for session in list(self.sessions.values()):
+            if now - session.last_input > self.idle_timeout:
+                await self.close_session(session, f"idle for {self.idle_timeout:.0f} s")
+        for viewer in list(self.viewers.values()):
+            if viewer.pc.connectionState != "connected" and now - viewer.answered > VIEWER_CONNECT_TIMEOUT:
+                await self.close_viewer(viewer, f"not connected after {VIEWER_CONNECT_TIMEOUT:.0f} s")
+
+
+class ServerThread:
+    """`stream serve`'s app on 127.0.0.1 in a thread with its own event loop."""
+
+    def __init__(self, server: StreamServer) -> None:
+        self.server = server
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.port = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.runner = web.AppRunner(self.server.app())
+        self.loop.run_until_complete(self.runner.setup())
+        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        self.loop.run_until_complete(site.start())
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(self.runner.cleanup())
+
+    def __enter__(self) -> ServerThread:
+        self.thread.start()
+        assert self.ready.wait(30)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)

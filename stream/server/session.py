@@ -1,0 +1,182 @@
+"""One peer's session: its settings, slots, tracks and stats; WHEP viewers; the outgoing track."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable
+from fractions import Fraction
+from typing import Any, Protocol
+
+import av
+import numpy as np
+from aiortc import (
+    MediaStreamTrack,
+    RTCDataChannel,
+    RTCPeerConnection,
+)
+from aiortc.contrib.media import MediaRelay
+from aiortc.mediastreams import MediaStreamError
+
+from stream.config import LIVE_SETTINGS, ConfigError, StreamConfig
+from stream.denoiser import FrameResult
+from stream.media import LatestFrameSlot
+from stream.monitor import AdaptiveController, LatencyMonitor, build_ladder
+from stream.server.rtc import to_video
+
+logger = logging.getLogger(__name__)
+
+TELEMETRY_INTERVAL = 0.33  # seconds: about 3 messages a second
+
+
+# What the page may change live, with the names it uses; anything else is refused.
+class Denoiser(Protocol):
+    """What the worker needs of a per-session denoiser (StreamDenoiser, or a stand-in in tests)."""
+
+    skipped: int
+
+    def process(self, frame: np.ndarray) -> FrameResult: ...
+
+    def update(self, config: StreamConfig) -> None: ...
+
+
+DenoiserFactory = Callable[[StreamConfig], Denoiser]
+
+
+@dataclasses.dataclass
+class Processed:
+    frame: np.ndarray  # HxWx3 uint8 RGB
+    pts: int
+    time_base: Fraction
+    ready: float  # time.perf_counter() when the worker finished it, for the hand-off timing
+    video: av.VideoFrame | None = None  # `frame` as the encoders take it (yuv420p), made on the worker
+
+
+class Session:
+    """One peer: its settings, temporal state (inside its denoiser), slots, tracks and stats."""
+
+    def __init__(
+        self,
+        session_id: str,
+        pc: RTCPeerConnection,
+        config: StreamConfig,
+        *,
+        target_fps: float = 24.0,
+        adaptive: bool = True,
+        stamp: bool = False,
+        kind: str = "browser",
+    ) -> None:
+        self.id = session_id
+        self.kind = kind  # "browser" (POST /offer) or "whip" (POST /whip: OBS and other encoders)
+        self.pc = pc
+        self.config = config  # the user's settings, validated; the worker applies them before the next frame
+        self.applied: StreamConfig | None = None  # what the worker's denoiser runs with (adaptive level)
+        self.accepted: StreamConfig | None = None  # the user's settings behind `applied`
+        self.denoiser: Denoiser | None = None  # created and used only by the worker thread
+        self.inputs: LatestFrameSlot[tuple[av.VideoFrame, float]] = LatestFrameSlot()  # (frame, arrival)
+        self.output: Processed | None = None
+        self.output_ready = asyncio.Event()
+        self.source: ProcessedTrack | None = None  # read once, relayed to the page and every WHEP viewer
+        self.relay = MediaRelay()  # per session: it keeps its source until the source ends
+        self.viewers: dict[str, Viewer] = {}
+        self.monitor = LatencyMonitor(target_fps)
+        self.adaptive = AdaptiveController(
+            self.monitor.budget_ms, build_ladder(config.steps, config.width, config.height), enabled=adaptive
+        )
+        self.stamp = stamp  # copy the page's frame-ID patch from each input into its output
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.control: RTCDataChannel | None = None
+        self.telemetry: RTCDataChannel | None = None
+        self.last_input = time.monotonic()
+        self.created = time.monotonic()
+        self.closed = False
+        self.last_pts = -1  # pts of the last frame sent
+        self.last_input_pts: int | None = None
+
+    def output_pts(self, input_pts: int) -> int:
+        """The input's timing, kept strictly increasing across the 32-bit RTP clock's wrap-around."""
+        if self.last_input_pts is None:
+            pts = input_pts
+        else:
+            pts = self.last_pts + max(1, (input_pts - self.last_input_pts) % 2**32)
+        self.last_input_pts, self.last_pts = input_pts, pts
+        return pts
+
+    def deliver(self, processed: Processed, timings: dict[str, float], skipped: bool) -> None:
+        """Called on the event loop by the worker: newest processed frame wins."""
+        if self.closed:
+            return
+        self.output = processed
+        self.monitor.frame_out(timings, skipped)
+        self.output_ready.set()
+
+    def refuse(self, message: str) -> None:
+        """Tell the page that the worker could not apply its last settings (they were rolled back)."""
+        if self.control is not None and self.control.readyState == "open":
+            self.control.send(json.dumps({"type": "error", "message": message}))
+
+    def snapshot(self) -> dict[str, Any]:
+        self.monitor.drops = self.inputs.drops
+        return {
+            "session": self.id,
+            "kind": self.kind,
+            "viewers": len(self.viewers),
+            **self.monitor.snapshot(),
+            "adaptive": self.adaptive.snapshot(),
+            "stamp": self.stamp,
+            "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
+        }
+
+
+@dataclasses.dataclass
+class Viewer:
+    """A WHEP playback peer: receives one session's processed output through the relay."""
+
+    id: str
+    session: Session
+    pc: RTCPeerConnection
+    track: MediaStreamTrack
+    closed: bool = False
+    answered: float = float("inf")  # time.monotonic() when its answer went out
+
+
+class ProcessedTrack(MediaStreamTrack):
+    """The outgoing video: waits for the session's next processed frame; input timing, strictly increasing."""
+
+    kind = "video"
+
+    def __init__(self, session: Session) -> None:
+        super().__init__()
+        self.session = session
+
+    async def recv(self) -> av.VideoFrame:
+        session = self.session
+        while True:
+            if self.readyState != "live" or session.closed:
+                raise MediaStreamError
+            await session.output_ready.wait()
+            session.output_ready.clear()
+            if session.output is not None:
+                break
+        out = session.output
+        frame = out.video or to_video(out.frame)  # made by the worker, unless nobody was sending then
+        frame.pts, frame.time_base = session.output_pts(out.pts), out.time_base
+        session.monitor.sample("handoff", (time.perf_counter() - out.ready) * 1000.0)
+        return frame
+
+
+def apply_settings(config: StreamConfig, changes: object) -> StreamConfig:
+    """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig."""
+    if not isinstance(changes, dict):
+        raise ConfigError("settings must be a JSON object")
+    unknown = sorted(set(changes) - set(LIVE_SETTINGS))
+    if unknown:
+        raise ConfigError(
+            f"unknown setting(s) {', '.join(unknown)}; live settings: {', '.join(LIVE_SETTINGS)}"
+        )
+    if not changes:
+        return config
+    return config.replace(**changes)
