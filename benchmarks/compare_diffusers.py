@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.clips import (
+from benchmarks.common import (
     ArgumentParser,
     UsageError,
     add_common_arguments,

@@ -31,7 +31,8 @@ from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 from benchmarks.webrtc_e2e import add_stream_arguments, stream_config
 from stream import stamp
-from stream.bench import environment, photo_clip
+from stream.bench import environment
+from stream.clips import photo_clip
 from stream.config import ConfigError
 from stream.models import PLACEHOLDER_NOTE, load_model
 from stream.monitor import percentile

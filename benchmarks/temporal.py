@@ -37,7 +37,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from benchmarks.clips import (
+from benchmarks.common import (
     CAMERA_NOISE_SIGMA,
     ArgumentParser,
     UsageError,

@@ -30,7 +30,8 @@ from typing import Any
 
 from benchmarks.chromium import CHROMIUM, INBOUND_VIDEO_JS, wait_connected, wait_frames_decoded
 from benchmarks.chromium import launch as chromium_launch
-from stream.bench import environment, import_pyplot, photo_clip
+from stream.bench import environment, import_pyplot
+from stream.clips import photo_clip
 from stream.config import ConfigError, StreamConfig
 from stream.media import write_y4m
 from stream.models import PLACEHOLDER_NOTE, load_model

@@ -16,12 +16,14 @@ from typing import Any, TextIO
 import cv2
 
 from stream import __version__
-from stream.bench import PHOTOS, BenchError
+from stream.adaptive import AdaptiveController, build_ladder
+from stream.bench import BenchError
+from stream.clips import PHOTOS, ClipError
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
 from stream.denoiser import STAGES, StreamDenoiser
 from stream.media import SinkError, SourceError, VirtualCamSink, open_sink, open_source
 from stream.models import ModelError, load_model
-from stream.monitor import AdaptiveController, LatencyMonitor, RollingStats, build_ladder
+from stream.monitor import LatencyMonitor, RollingStats
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
-    except (UsageError, ConfigError, ModelError, SourceError, SinkError, BenchError) as exc:
+    except (UsageError, ConfigError, ModelError, SourceError, SinkError, BenchError, ClipError) as exc:
         print(f"stream: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:  # while loading the model or serving; the frame loop handles its own

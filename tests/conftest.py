@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from stream.clips import load_photo, window_pan
+
 # Generated models go to a fresh folder per test session, never the user's cache.
 if "STREAM_CACHE" not in os.environ:
     os.environ["STREAM_CACHE"] = tempfile.mkdtemp(prefix="stream-test-cache-")
@@ -41,16 +43,9 @@ def tiny_model_dir() -> Path:
 
 def photo(name: str = "coffee") -> np.ndarray:
     """A real photo from scikit-image's data, HxWx3 uint8 RGB."""
-    from skimage import data
-
-    image = getattr(data, name)()
-    assert image.ndim == 3 and image.dtype == np.uint8
-    return np.ascontiguousarray(image[:, :, :3])
+    return load_photo(name)
 
 
 def pan_clip(frames: int, size: tuple[int, int], step: int = 4, name: str = "coffee") -> list[np.ndarray]:
     """A clip with known motion: a (h, w) window panning right over a real photo by `step` px per frame."""
-    image = photo(name)
-    h, w = size
-    assert w + step * frames <= image.shape[1] and h <= image.shape[0]
-    return [np.ascontiguousarray(image[:h, i * step : i * step + w]) for i in range(frames)]
+    return window_pan(frames, size, step=(step, 0), photo=name)

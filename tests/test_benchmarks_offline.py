@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks import compare_diffusers
 from benchmarks import temporal as temporal_bench
-from benchmarks.clips import photo_clip
+from stream.clips import photo_clip
 
 QUICK = [
     "--model",

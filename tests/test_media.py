@@ -11,8 +11,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from skimage import data
 
+from stream.clips import window_pan
 from stream.media import (
     LatestFrameSlot,
     SinkError,
@@ -42,12 +42,7 @@ class Item:
 
 def pan_clip(height: int, width: int, count: int, dx: int = 4, dy: int = 2) -> list[np.ndarray]:
     """`count` crops of a real photo, panning by (dx, dy) pixels per frame."""
-    photo = data.coffee()  # (400, 600, 3) uint8 RGB
-    assert 30 + dy * count + height <= photo.shape[0] and 20 + dx * count + width <= photo.shape[1]
-    return [
-        np.ascontiguousarray(photo[30 + dy * i : 30 + dy * i + height, 20 + dx * i : 20 + dx * i + width])
-        for i in range(count)
-    ]
+    return window_pan(count, (height, width), step=(dx, dy), origin=(30, 20))
 
 
 def write_clip(path: Path, frames: list[np.ndarray], fps: float = 24.0) -> None:

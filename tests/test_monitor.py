@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from stream.adaptive import AdaptiveController, Level, build_ladder
 from stream.config import StreamConfig
-from stream.monitor import AdaptiveController, LatencyMonitor, Level, build_ladder, percentile, stage_names
+from stream.monitor import LatencyMonitor, percentile, stage_names
 
 BUDGET = 1000.0 / 24  # 41.7 ms
 

@@ -21,10 +21,11 @@ from aiortc import (
 from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
+from stream.adaptive import AdaptiveController, build_ladder
 from stream.config import LIVE_SETTINGS, ConfigError, StreamConfig
 from stream.denoiser import FrameResult
 from stream.media import LatestFrameSlot
-from stream.monitor import AdaptiveController, LatencyMonitor, build_ladder
+from stream.monitor import LatencyMonitor
 from stream.server.rtc import to_video
 
 logger = logging.getLogger(__name__)

@@ -1,16 +1,4 @@
-"""Clips with known motion made from a real photo, and the small pieces every benchmark here shares.
-
-`photo_clip("pan" | "zoom" | "static", frames, (h, w))` turns one of scikit-image's bundled photos
-(no download) into a list of HxWx3 uint8 RGB frames:
-
-- pan: a window moving right over the photo by exactly `step` pixels a frame (integer, no resampling);
-- zoom: a slow zoom in on the photo's centre, `zoom_rate` (1 % by default) more magnification a frame;
-- static: one frame repeated, each copy with its own seeded Gaussian noise of sigma 2 (on 0-255), as a
-  still camera's sensor gives; without it a fixed-noise denoiser would return identical frames and a
-  stillness measure would read zero whatever the model does.
-
-The photo is resized with OpenCV (area filter when shrinking, cubic when growing) to the smallest
-size that holds the requested frame size (and, for a pan, the whole path of the window).
+"""The small pieces every benchmark here shares (the clips themselves are in stream/clips.py).
 
 The rest (`ArgumentParser`, `environment`, `latency_stats`, ...) is what both benchmarks print the
 same way: one-line usage errors with exit status 2, the machine and library versions, percentiles.
@@ -28,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from stream.bench import CAMERA_NOISE_SIGMA, KINDS, PHOTOS, environment, load_photo, photo_clip
+from stream.bench import environment
 from stream.bench import import_pyplot as pyplot
+from stream.clips import CAMERA_NOISE_SIGMA, KINDS, PHOTOS, load_photo, photo_clip
 
 __all__ = ["CAMERA_NOISE_SIGMA", "KINDS", "PHOTOS", "environment", "load_photo", "photo_clip", "pyplot"]
 
