@@ -1,6 +1,6 @@
 """The frame-ID stamp for glass-to-glass latency: a 4x4 grid of black/white cells in the top-left corner.
 
-The page draws the stamp into each camera frame it sends (web/app.js mirrors this module), the server
+The page draws the stamp into each camera frame it sends (stream/web/app.js mirrors this module), the server
 copies the patch from input to output after processing, and the page reads the ID back from the video
 it receives: latency is measured on the page's one clock.
 

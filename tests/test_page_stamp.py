@@ -1,4 +1,4 @@
-"""The page's frame-ID stamp (web/app.js) against stream/stamp.py, in headless Chromium: one layout, both ways."""
+"""The page's frame-ID stamp (stream/web/app.js) against stream/stamp.py, in headless Chromium: one layout, both ways."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from stream import stamp
 
-WEB = Path(__file__).resolve().parent.parent / "web"
+WEB = Path(__file__).resolve().parent.parent / "stream" / "web"
 ORIGIN = "http://stream.test"  # every request is answered by `_serve_web`, nothing goes to the network
 
 # Stamps the IDs into a gray canvas of (w, h) px, one at a time; returns each canvas's RGBA bytes.
@@ -37,7 +37,7 @@ JS_READ_PIXELS = """([rgba, w, h]) => {
 
 @pytest.fixture(scope="module")
 def page(chromium: str) -> Iterator[Any]:
-    """The real page (web/index.html with web/app.js), loaded once for the whole file; no server behind it."""
+    """The real page (stream/web/index.html with stream/web/app.js), loaded once for the whole file; no server behind it."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:

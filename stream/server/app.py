@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import importlib.resources
 import json
 import logging
 import secrets
@@ -48,7 +49,8 @@ logger = logging.getLogger(__name__)
 
 VIEWER_CONNECT_TIMEOUT = 15.0  # seconds a WHEP viewer may take to connect before its place is freed
 
-WEB_DIR = Path(__file__).resolve().parents[2] / "web"
+# The page ships inside the package (package data), so a plain `pip install .` serves it too.
+WEB_DIR = Path(str(importlib.resources.files("stream") / "web"))
 
 
 class StreamServer:
@@ -192,7 +194,10 @@ class StreamServer:
     async def index(self, request: web.Request) -> web.StreamResponse:
         page = WEB_DIR / "index.html"
         if not page.is_file():
-            return error(404, "the web page is not installed (web/index.html is missing)")
+            return error(
+                404,
+                "the web page is not installed (stream/web/index.html is missing)",
+            )
         return web.FileResponse(page)
 
     async def health(self, request: web.Request) -> web.Response:
@@ -240,7 +245,10 @@ class StreamServer:
     async def view(self, request: web.Request) -> web.StreamResponse:
         page = WEB_DIR / "view.html"
         if not page.is_file():
-            return error(404, "the viewer page is not installed (web/view.html is missing)")
+            return error(
+                404,
+                "the viewer page is not installed (stream/web/view.html is missing)",
+            )
         return web.FileResponse(page)
 
     def output_track(self, session: Session) -> MediaStreamTrack:
