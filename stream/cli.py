@@ -8,27 +8,25 @@ import dataclasses
 import logging
 import math
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
-
-import cv2
+from typing import Any
 
 from stream import __version__
 from stream.adaptive import AdaptiveController, build_ladder
 from stream.bench import BenchError
 from stream.clips import PHOTOS, ClipError
 from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
-from stream.denoiser import STAGES, StreamDenoiser
+from stream.denoiser import StreamDenoiser
 from stream.media import SinkError, SourceError, VirtualCamSink, open_sink, open_source
 from stream.models import ModelError, load_model
-from stream.monitor import LatencyMonitor, RollingStats
+from stream.monitor import LatencyMonitor
+from stream.run import EXIT_INTERRUPTED, run_loop
 
 logger = logging.getLogger(__name__)
 
 EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130
+
 
 # (flag, StreamConfig field, type, help); defaults come from StreamConfig itself.
 CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
@@ -291,7 +289,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         controller = AdaptiveController(
             monitor.budget_ms, build_ladder(config.steps, config.width, config.height), enabled=adaptive
         )
-        return _run_loop(
+        return run_loop(
             source, sink, denoiser, args.frames, None if args.quiet else sys.stderr, monitor, controller
         )
     finally:
@@ -387,101 +385,6 @@ def _warmup_frame(config: StreamConfig) -> Any:
     import numpy as np
 
     return np.zeros((config.height, config.width, 3), dtype=np.uint8)
-
-
-def _run_loop(
-    source: Any,
-    sink: Any,
-    denoiser: StreamDenoiser,
-    limit: int | None,
-    status: TextIO | None,
-    monitor: LatencyMonitor | None = None,
-    controller: AdaptiveController | None = None,
-) -> int:
-    monitor = monitor or LatencyMonitor()
-    stats = monitor.out
-    requested = denoiser.config
-    line = _StatusLine(status)
-    start = time.perf_counter()
-    frames = 0
-    size: tuple[int, ...] | None = None
-    interrupted = False
-    try:
-        while limit is None or frames < limit:
-            frame = source.read()
-            if frame is None:
-                break
-            if controller is not None:
-                config = controller.apply(requested)
-                if config is not denoiser.config:
-                    try:
-                        denoiser.update(config)
-                    except ConfigError as exc:  # the model cannot run this level: never try it again
-                        controller.drop_level(str(exc))
-                        denoiser.update(controller.apply(requested))
-            result = denoiser.process(frame)
-            out = result.frame
-            if size is None:
-                size = out.shape[:2]
-            elif out.shape[:2] != size:  # the source changed size: the file keeps its first size
-                out = cv2.resize(out, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-            sink.write(out)
-            frames += 1
-            monitor.frame_out(result.timings, result.skipped)
-            if controller is not None and not result.skipped:
-                change = controller.observe(result.timings["total"])
-                if change is not None:
-                    logger.warning("adaptive: %s -> %s: %s", change["from"], change["to"], change["reason"])
-            line.update(frames, stats, denoiser.skipped, getattr(source, "drops", 0))
-            if getattr(sink, "closed_by_user", False):
-                break
-    except KeyboardInterrupt:
-        interrupted = True
-    elapsed = time.perf_counter() - start
-    line.finish(frames, elapsed, stats, denoiser.skipped, getattr(source, "drops", 0), interrupted)
-    return EXIT_INTERRUPTED if interrupted else 0
-
-
-class _StatusLine:
-    """One live line on a terminal (redrawn twice a second), or a plain line every few seconds in a log."""
-
-    def __init__(self, out: TextIO | None) -> None:
-        self.out = out
-        self.tty = bool(out is not None and out.isatty())
-        self.every = 0.5 if self.tty else 5.0
-        self.last = time.perf_counter()
-
-    def update(self, frames: int, stats: RollingStats, skipped: int, drops: int) -> None:
-        now = time.perf_counter()
-        if self.out is None or now - self.last < self.every:
-            return
-        self.last = now
-        text = _describe(frames, stats.fps(), stats, skipped, drops)
-        self.out.write(f"\r{text}\033[K" if self.tty else text + "\n")
-        self.out.flush()
-
-    def finish(
-        self, frames: int, elapsed: float, stats: RollingStats, skipped: int, drops: int, interrupted: bool
-    ) -> None:
-        if self.out is None:
-            return
-        if self.tty:
-            self.out.write("\r\033[K")
-        fps = frames / elapsed if elapsed > 0 else 0.0
-        stages = "  ".join(f"{s} {stats.percentiles(s, (50,))[0]:.1f}" for s in STAGES if s in stats.samples)
-        self.out.write(
-            f"{'interrupted: ' if interrupted else ''}{_describe(frames, fps, stats, skipped, drops)}\n"
-            f"  p50 ms by stage: {stages}\n"
-        )
-        self.out.flush()
-
-
-def _describe(frames: int, fps: float, stats: RollingStats, skipped: int, drops: int) -> str:
-    p50, p95, _ = stats.percentiles("total")
-    return (
-        f"frames {frames}  {fps:.1f} fps  latency p50 {p50:.1f} ms  p95 {p95:.1f} ms  "
-        f"skipped {skipped}  dropped {drops}"
-    )
 
 
 if __name__ == "__main__":
