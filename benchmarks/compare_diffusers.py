@@ -51,6 +51,7 @@ from benchmarks.common import (
     usage_error,
 )
 from stream import schedule
+from stream.devices import cpu_convolutions
 
 PROG = "compare_diffusers"
 MODULE = "benchmarks.compare_diffusers"
@@ -110,6 +111,7 @@ class Benchmark:
 
         from stream.denoiser import StreamDenoiser
 
+        config = config.replace(timesteps="diffusers")  # the pipeline's own grid: the same UNet calls
         self.config = config
         self.components = components
         self.denoiser = StreamDenoiser(components, config)
@@ -126,7 +128,7 @@ class Benchmark:
             requires_safety_checker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
-        assert self.pipe.unet is self.denoiser.unet and self.pipe.vae is self.denoiser.vae
+        assert self.pipe.unet is self.denoiser.engine.unet and self.pipe.vae is self.denoiser.engine.vae
         self.cfg = config.cfg and components.unet.config.time_cond_proj_dim is None
         with torch.inference_mode():
             self.prompt_embeds, self.negative_embeds = self.pipe.encode_prompt(
@@ -163,16 +165,15 @@ class Benchmark:
     def _pipe(self, frame: np.ndarray, **prompt: Any) -> np.ndarray:
         from PIL import Image
 
-        with self.denoiser._convolutions():  # the CPU convolution backend the stream picked
-            images = self.pipe(
-                image=Image.fromarray(frame),
-                strength=self.config.strength,
-                num_inference_steps=self.inference_steps,
-                guidance_scale=self.config.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(self.config.seed),
-                output_type="np",
-                **prompt,
-            ).images  # (1, H, W, 3) float in [0, 1]
+        images = self.pipe(
+            image=Image.fromarray(frame),
+            strength=self.config.strength,
+            num_inference_steps=self.inference_steps,
+            guidance_scale=self.config.guidance_scale,
+            generator=torch.Generator("cpu").manual_seed(self.config.seed),
+            output_type="np",
+            **prompt,
+        ).images  # (1, H, W, 3) float in [0, 1]
         return (images[0] * 255).round().clip(0, 255).astype(np.uint8)
 
     # ------------------------------------------------------------------ measuring
@@ -191,7 +192,7 @@ class Benchmark:
         def count(*_: Any) -> None:
             counts[current[0]] += 1
 
-        hook = self.denoiser.unet.register_forward_hook(count)
+        hook = self.denoiser.engine.unet.register_forward_hook(count)
         latencies: dict[str, list[float]] = {name: [] for name in VARIANTS}
         try:
             for i in range(frames):
@@ -225,9 +226,7 @@ class Benchmark:
             "note": model_note(self.components.name, self.components.placeholder),
             **environment(self.device),
             "dtype": str(self.denoiser.dtype).removeprefix("torch."),
-            "cpu_convolutions": (
-                ("oneDNN" if self.denoiser._mkldnn else "native") if self.device.type == "cpu" else None
-            ),
+            "cpu_convolutions": (cpu_convolutions() if self.device.type == "cpu" else None),
             "width": c.width,
             "height": c.height,
             "steps": c.steps,
@@ -264,7 +263,7 @@ def print_table(r: dict[str, Any]) -> None:
     same = "yes" if r["same_unet_steps"] else "NO"
     print(f"same number of UNet calls per frame: {same} ({', '.join(f'{v:g}' for v in calls.values())})")
     if r["cpu_convolutions"]:
-        print(f"CPU convolutions: {r['cpu_convolutions']} (picked by StreamDenoiser, used by all three)")
+        print(f"CPU convolutions: {r['cpu_convolutions']} (picked once for the process, used by all three)")
     print()
     header = f"{'variant':<34}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'FPS':>8}"
     header += f"{'UNet/frame':>12}{'p50/stream':>12}"

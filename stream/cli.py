@@ -16,7 +16,15 @@ from stream import __version__
 from stream.adaptive import AdaptiveController, build_ladder
 from stream.bench import BenchError
 from stream.clips import PHOTOS, ClipError
-from stream.config import ATTENTION_BACKENDS, DTYPES, NOISE_MODES, SCHEDULERS, ConfigError, StreamConfig
+from stream.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    NOISE_MODES,
+    SCHEDULERS,
+    TIMESTEP_RULES,
+    ConfigError,
+    StreamConfig,
+)
 from stream.denoiser import StreamDenoiser
 from stream.media import SinkError, SourceError, VirtualCamSink, open_sink, open_source
 from stream.models import ModelError, load_model
@@ -53,6 +61,13 @@ CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
     ("--strength", "strength", float, "img2img strength in (0, 1]: higher changes the frame more"),
     ("--guidance", "guidance_scale", float, "classifier-free guidance scale; CFG runs when > 1"),
     ("--scheduler", "scheduler", str, f"one of {', '.join(SCHEDULERS)}"),
+    (
+        "--timesteps",
+        "timesteps",
+        str,
+        f"one of {', '.join(TIMESTEP_RULES)}: `streaming` starts each frame at a timestep that follows "
+        "--strength continuously; `diffusers` uses the img2img pipeline's grid (LCM keeps its own)",
+    ),
     ("--seed", "seed", int, "noise seed"),
     ("--latent-feedback", "latent_feedback", float, "share of the previous output latent blended in, [0, 1)"),
     ("--noise", "noise", str, f"one of {', '.join(NOISE_MODES)}: fixed noise keeps a still scene still"),
@@ -62,6 +77,7 @@ CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
         float,
         "skip the model and repeat the last output when the input is at least this similar, [0, 1); 0 = off",
     ),
+    ("--max-skip", "max_skip", int, "at most this many frames in a row are skipped by the similarity filter"),
     ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps"),
     ("--dtype", "dtype", str, f"one of {', '.join(DTYPES)} (auto: float16 on CUDA, float32 elsewhere)"),
     ("--attention", "attention", str, f"one of {', '.join(ATTENTION_BACKENDS)}"),

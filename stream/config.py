@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass
 
 SCHEDULERS = ("ddim", "lcm")
+TIMESTEP_RULES = ("streaming", "diffusers")
 NOISE_MODES = ("fixed", "fresh")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -43,6 +44,9 @@ class StreamConfig:
     strength: float = 0.5  # img2img strength in (0, 1]: how far each frame is noised before denoising
     guidance_scale: float = 1.0  # classifier-free guidance; on when > 1 (one batched UNet call)
     scheduler: str = "ddim"  # `ddim` (eta 0) or `lcm`
+    # `streaming`: the first timestep follows strength continuously, then `steps` evenly below it;
+    # `diffusers`: StableDiffusionImg2ImgPipeline's grid (for parity). LCM always uses its own grid.
+    timesteps: str = "streaming"
     prompt: str = ""
     negative_prompt: str = ""
     seed: int = 0
@@ -51,6 +55,7 @@ class StreamConfig:
         "fixed"  # `fixed`: one noise tensor per stream (stable output); `fresh`: new noise each frame
     )
     similarity_threshold: float = 0.0  # skip the model when input similarity >= this; 0 = off
+    max_skip: int = 10  # at most this many frames in a row are skipped by the similarity filter
     device: str = "auto"  # `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`
     dtype: str = "auto"  # `auto` = float16 on CUDA, float32 elsewhere
     attention: str = "sdpa"  # `sdpa` (PyTorch scaled-dot-product attention) or `xformers`
@@ -71,6 +76,7 @@ class StreamConfig:
         )
         _choice("scheduler", self.scheduler, SCHEDULERS)
         _choice("noise", self.noise, NOISE_MODES)
+        _choice("timesteps", self.timesteps, TIMESTEP_RULES)
         _choice("attention", self.attention, ATTENTION_BACKENDS)
         _choice("dtype", self.dtype, DTYPES)
         _require(isinstance(self.prompt, str), "prompt", self.prompt, "a string")
@@ -90,6 +96,12 @@ class StreamConfig:
             "steps",
             self.steps,
             f"an integer from 1 to {MAX_STEPS}",
+        )
+        _require(
+            _is_int(self.max_skip) and 0 <= self.max_skip <= 1000,
+            "max_skip",
+            self.max_skip,
+            "an integer from 0 to 1000 (frames in a row the similarity filter may skip)",
         )
         _require(
             _is_int(self.seed) and 0 <= self.seed < 2**63, "seed", self.seed, "an integer from 0 to 2**63 - 1"

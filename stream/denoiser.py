@@ -1,16 +1,18 @@
-"""StreamDenoiser: one frame in, one restyled frame out, in a few DDIM/LCM steps with a cached prompt.
+"""StreamDenoiser: one stream's settings and temporal state; frames through the shared engine in batches.
 
-The only module that imports diffusers and transformers. Synchronous; the caller owns threading.
+A frame goes through numbered steps: 1. preprocess (letterbox into the model canvas) and the similarity
+filter, 2. encode (one VAE call for the batch), 3. prepare the latent (feedback blend, noise to the first
+timestep; per stream), 4. denoise (step i: one UNet call for the rows of every stream still at step i),
+5. decode (one VAE call), 6. postprocess (back to the frame's size, uint8). `process_batch` runs frames of
+several streams that share an engine and a latent shape together; `process` is a batch of one.
+Synchronous; the caller owns threading.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import time
-from collections.abc import Iterator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 import torch
@@ -18,13 +20,23 @@ import torch.nn.functional as F
 
 from stream import schedule, temporal
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
-from stream.devices import resolve_device, resolve_dtype, set_attention
+from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, letterbox_geometry
 from stream.models import Components, load_model
 
 logger = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "encode", "denoise", "decode", "postprocess")
+# Settings whose change makes the last output stale: the similarity filter must not hand it back.
+_OUTPUT_SETTINGS = (
+    "prompt",
+    "negative_prompt",
+    "strength",
+    "guidance_scale",
+    "steps",
+    "seed",
+    "latent_feedback",
+)
 
 
 @dataclass
@@ -32,6 +44,7 @@ class FrameResult:
     frame: np.ndarray  # HxWx3 uint8 RGB, the input's size
     timings: dict[str, float]  # ms per stage (STAGES), each step's UNet call (unet_1, ...), and "total"
     skipped: bool = False  # the similarity filter returned the previous output
+    image: torch.Tensor | None = None  # the decoded canvas (1, 3, H, W) in [0, 1], before uint8
 
 
 @dataclass
@@ -41,43 +54,42 @@ class _StreamState:
     geometry: Geometry | None = None
     noise: list[torch.Tensor] = field(default_factory=list)  # [initial, step noises...] for `fixed`
     generator: torch.Generator | None = None  # for `fresh`
-    prev_latent: torch.Tensor | None = None  # (1, 4, H/8, W/8) last denoised latent
+    prev_latent: torch.Tensor | None = None  # (1, C, H/f, W/f) last denoised latent
     last_input: torch.Tensor | None = None  # uint8 frame the model last ran on
     last_output: np.ndarray | None = None
+    skips: int = 0  # frames skipped in a row
+
+
+@dataclass
+class _Job:
+    """One stream's frame on its way through a batch."""
+
+    denoiser: StreamDenoiser
+    pixels: torch.Tensor
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    timer: StageTimer
+    x: torch.Tensor | None = None  # (1, C, h, w) the sample being denoised
+    noise: list[torch.Tensor] = field(default_factory=list)
+    result: torch.Tensor | None = None  # the final latent
 
 
 class StreamDenoiser:
     """Per-frame img2img with a fixed schedule, cached prompt embeddings and temporal state."""
 
-    def __init__(self, components: Components, config: StreamConfig) -> None:
+    def __init__(self, model: Components | Engine, config: StreamConfig) -> None:
+        self.engine = model if isinstance(model, Engine) else Engine.shared(model, config)
         self.config = config
-        self.device = resolve_device(config.device)
-        self.dtype = resolve_dtype(config.dtype, self.device)
-        self.name = components.name
-        self.placeholder = components.placeholder
-        self.unet = components.unet.to(self.device, self.dtype).eval()
-        self.vae = components.vae.to(self.device, self.dtype).eval()
-        self.text_encoder = components.text_encoder.to(self.device, self.dtype).eval()
-        self.tokenizer = components.tokenizer
-        self.scheduler_config = dict(components.scheduler_config)
-        self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0))
-        blocks = (
-            getattr(self.vae.config, "encoder_block_out_channels", None) or self.vae.config.block_out_channels
-        )
-        self.vae_factor = 2 ** (len(blocks) - 1)  # pixels per latent pixel
-        self._check_size(config)
-        set_attention(self.unet, self.vae, config.attention)
-        self._mkldnn = True  # oneDNN convolutions on the CPU; see _pick_cpu_convolutions
+        self.device, self.dtype = self.engine.device, self.engine.dtype
+        self.name, self.placeholder = self.engine.name, self.engine.placeholder
+        self.engine.check_size(config.width, config.height)
         self.frames = 0
         self.skipped = 0
         self._embeds: torch.Tensor | None = None  # (2 or 1, L, D) [uncond, cond] or [cond]
-        self._prompt: tuple[str, str] | None = None
+        self._prompt: tuple[str, str, bool] | None = None
         self._guidance_embed: torch.Tensor | None = None
         self._state = _StreamState()
         self._set_schedule(config)
         self.prepare(config.prompt, config.negative_prompt)
-        if self.device.type == "cpu":
-            self._mkldnn = self._pick_cpu_convolutions()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -87,18 +99,19 @@ class StreamDenoiser:
             config = config.replace(model=model)
         return cls(load_model(config), config)
 
+    @property
+    def vae_factor(self) -> int:
+        return self.engine.vae_factor
+
     # ------------------------------------------------------------------ live settings
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
         """Encode and cache the prompt embeddings; a no-op when the prompt has not changed."""
-        key = (prompt, negative_prompt)
+        cfg = self._uses_cfg_batch(self.config)
+        key = (prompt, negative_prompt, cfg)
         if key == self._prompt and self._embeds is not None:
             return
-        with torch.inference_mode():
-            cond = self.encode_prompt(prompt)
-            if self._uses_cfg_batch(self.config):
-                self._embeds = torch.cat([self.encode_prompt(negative_prompt), cond])  # (2, L, D)
-            else:
-                self._embeds = cond  # (1, L, D)
+        cond = self.encode_prompt(prompt)
+        self._embeds = torch.cat([self.encode_prompt(negative_prompt), cond]) if cfg else cond
         self._prompt = key
 
     def update(self, config: StreamConfig) -> None:
@@ -108,17 +121,19 @@ class StreamDenoiser:
             raise ConfigError(
                 f"{', '.join(changed)} cannot change while streaming; restart with the new value"
             )
-        self._check_size(config)
+        self.engine.check_size(config.width, config.height)
         old, self.config = self.config, config
-        if (config.steps, config.strength, config.scheduler) != (old.steps, old.strength, old.scheduler):
+        if (config.steps, config.strength, config.scheduler, config.timesteps) != (
+            old.steps,
+            old.strength,
+            old.scheduler,
+            old.timesteps,
+        ):
             try:
                 self._set_schedule(config)
             except ConfigError:
                 self.config = old
                 raise
-        cfg_changed = self._uses_cfg_batch(config) != self._uses_cfg_batch(old)
-        if cfg_changed:
-            self._prompt = None
         self.prepare(config.prompt, config.negative_prompt)
         if (config.seed, config.noise, config.steps, config.scheduler) != (
             old.seed,
@@ -131,6 +146,8 @@ class StreamDenoiser:
             self.reset()
         if config.guidance_scale != old.guidance_scale:
             self._guidance_embed = None
+        if any(getattr(config, name) != getattr(old, name) for name in _OUTPUT_SETTINGS):
+            self._state.last_input = None  # the last output no longer answers this input
 
     def reset(self) -> None:
         """Forget the temporal state (previous latent, noise, similarity reference)."""
@@ -141,61 +158,91 @@ class StreamDenoiser:
         return self.process(frame).frame
 
     def process(self, frame: np.ndarray) -> FrameResult:
-        """One frame through the whole pipeline, with per-stage timings."""
-        # 0. check input (cheap, and the one thing the caller cannot have validated)
-        if not (
-            isinstance(frame, np.ndarray)
-            and frame.dtype == np.uint8
-            and frame.ndim == 3
-            and frame.shape[2] == 3
-            and frame.shape[0] > 0
-            and frame.shape[1] > 0
-        ):
-            got = (
-                f"{frame.dtype} array of shape {frame.shape}"
-                if isinstance(frame, np.ndarray)
-                else type(frame)
-            )
-            raise ValueError(f"frame must be an HxWx3 uint8 RGB array, got {got}")
+        """One frame through the whole pipeline (a batch of one), with per-stage timings."""
+        (result,) = process_batch([self], [frame])
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def batch_key(self) -> tuple[int, int, int]:
+        """Streams with equal keys can share a batch: the same engine and latent shape."""
+        return (id(self.engine), self.config.height, self.config.width)
+
+    # 1. preprocess and the similarity filter
+    def _begin(self, frame: np.ndarray) -> _Job | FrameResult:
+        _check_frame(frame)
         timer = StageTimer(self.device)
         state = self._state
-        with torch.inference_mode(), self._convolutions():
-            # 1. preprocess: uint8 HWC -> (1, 3, H, W) in [-1, 1], letterboxed to the model size
-            with timer("preprocess"):
-                pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device, non_blocking=True)
-                if state.geometry is None or state.geometry.src != frame.shape[:2]:
-                    self.reset()
-                    state = self._state
-                    state.geometry = letterbox_geometry(
-                        frame.shape[:2], (self.config.height, self.config.width)
-                    )
-                skip = self._similar(pixels, state)
-                if not skip:
-                    image = self.preprocess(pixels, state.geometry)
-            if skip:
+        with timer("preprocess"):
+            pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device, non_blocking=True)
+            if state.geometry is None or state.geometry.src != frame.shape[:2]:
+                self.reset()
+                state = self._state
+                state.geometry = letterbox_geometry(frame.shape[:2], (self.config.height, self.config.width))
+            if self._similar(pixels, state):
+                state.skips += 1
                 self.skipped += 1
                 self.frames += 1
                 assert state.last_output is not None
                 return FrameResult(state.last_output, timer.finish(), skipped=True)
-            # 2. encode: (1, 3, H, W) -> (1, 4, H/8, W/8)
-            with timer("encode"):
-                latent = self.encode_image(image)
-            # 3. denoise: blend with the previous output, noise to the strength's timestep, run the steps
-            with timer("denoise"):
-                latent = temporal.feedback_blend(latent, state.prev_latent, self.config.latent_feedback)
-                noise = self._noise(latent, state)
-                latent = self.denoise(latent, noise, timer)
-                state.prev_latent = latent
-            # 4. decode: (1, 4, H/8, W/8) -> (1, 3, H, W) in [0, 1]
-            with timer("decode"):
-                image = self.decode_latents(latent)
-            # 5. postprocess: crop the letterbox, back to the frame's size, uint8 HWC on the CPU
-            with timer("postprocess"):
-                out = self.postprocess(image, state.geometry)
-        state.last_input = pixels
-        state.last_output = out
+            image = self.preprocess(pixels, state.geometry)
+        return _Job(self, pixels, image, timer)
+
+    # 3. the latent: blend with the previous output, noise to the first timestep
+    def _start(self, job: _Job, latent: torch.Tensor) -> None:
+        state = self._state
+        latent = temporal.feedback_blend(latent, state.prev_latent, self.config.latent_feedback)
+        job.noise = self._noise(latent, state)
+        job.x = schedule.add_noise(latent, job.noise[0], self._schedule.alphas[0])
+
+    def _rows(
+        self, job: _Job, i: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Step i's UNet rows for this stream: (x, t, embeds, timestep_cond), 2 rows with CFG, else 1."""
+        assert job.x is not None and self._embeds is not None
+        rows = self._embeds.shape[0]
+        x = job.x.expand(rows, -1, -1, -1)
+        t = self._t[i].expand(rows)
+        cond = self._timestep_cond(job.x)
+        return x, t, self._embeds, None if cond is None else cond.expand(rows, -1)
+
+    # 4. step i from this stream's rows of the UNet output
+    def _step(self, job: _Job, i: int, out: torch.Tensor) -> None:
+        assert job.x is not None
+        sched = self._schedule
+        if self._uses_cfg_batch(self.config):
+            uncond, text = out.chunk(2)
+            out = schedule.cfg_combine(uncond, text, self.config.guidance_scale)
+        pred_type = self.engine.scheduler_config.get("prediction_type", "epsilon")
+        last = i + 1 == len(sched.timesteps)
+        if sched.c_skip is not None and sched.c_out is not None:
+            step_noise = None if last else job.noise[i + 1]
+            job.x, denoised = schedule.lcm_step(
+                job.x, out, sched.alphas[i], sched.alphas_prev[i], sched.c_skip[i], sched.c_out[i],
+                step_noise, pred_type, self._clip_sample,
+            )  # fmt: skip
+            if last:
+                job.result = denoised  # LCM's result is its denoised sample
+        else:
+            job.x, _ = schedule.ddim_step(
+                job.x, out, sched.alphas[i], sched.alphas_prev[i], pred_type, self._clip_sample
+            )
+            if last:
+                job.result = job.x  # DDIM's last step lands on x_0 (t_prev < 0)
+        if last:
+            assert job.result is not None
+            self._state.prev_latent = job.result
+
+    # 6. postprocess
+    def _finish(self, job: _Job, image: torch.Tensor, shared: dict[str, float]) -> FrameResult:
+        state = self._state
+        assert state.geometry is not None
+        with job.timer("postprocess"):
+            out = self.postprocess(image, state.geometry)
+        state.last_input, state.last_output, state.skips = job.pixels, out, 0
         self.frames += 1
-        return FrameResult(out, timer.finish())
+        timings = job.timer.finish()
+        return FrameResult(out, {**shared, **timings}, image=image)
 
     def preprocess(self, pixels: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """(h, w, 3) uint8 on the device -> (1, 3, H, W) in [-1, 1], letterboxed into the model canvas."""
@@ -208,62 +255,6 @@ class StreamDenoiser:
         if (ih, iw) != (ch, cw):
             x = F.pad(x.float(), (left, cw - iw - left, top, ch - ih - top), mode="replicate").to(self.dtype)
         return x
-
-    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
-        """VAE encode to scaled latents: the distribution's mode for AutoencoderKL (deterministic)."""
-        out = self.vae.encode(image)
-        latent = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
-        return latent * self.scaling_factor
-
-    def denoise(
-        self, latent: torch.Tensor, noise: list[torch.Tensor], timer: StageTimer | None = None
-    ) -> torch.Tensor:
-        """Noise the clean latent to the first timestep, then run the DDIM/LCM steps; returns the result.
-
-        With a `timer`, each step's UNet call is timed as `unet_1`, `unet_2`, ...
-        """
-        sched = self._schedule
-        x = schedule.add_noise(latent, noise[0], sched.alphas[0])
-        pred_type = self.scheduler_config.get("prediction_type", "epsilon")
-        clip = self._clip_sample
-        cfg = self._uses_cfg_batch(self.config)
-        embeds = self._embeds
-        assert embeds is not None
-        cond = self._timestep_cond(x)
-        denoised = x
-        for i in range(len(sched.timesteps)):
-            model_in = torch.cat([x, x]) if cfg else x  # (B, 4, h, w), B = 2 with CFG
-            with timer(f"unet_{i + 1}") if timer else contextlib.nullcontext():
-                out = self.unet(
-                    model_in, self._t[i], encoder_hidden_states=embeds, timestep_cond=cond, return_dict=False
-                )[0]
-            if cfg:
-                uncond, text = out.chunk(2)
-                out = schedule.cfg_combine(uncond, text, self.config.guidance_scale)
-            if sched.c_skip is not None and sched.c_out is not None:
-                step_noise = noise[i + 1] if i + 1 < len(sched.timesteps) else None
-                x, denoised = schedule.lcm_step(
-                    x,
-                    out,
-                    sched.alphas[i],
-                    sched.alphas_prev[i],
-                    sched.c_skip[i],
-                    sched.c_out[i],
-                    step_noise,
-                    pred_type,
-                    clip,
-                )
-            else:
-                x, denoised = schedule.ddim_step(
-                    x, out, sched.alphas[i], sched.alphas_prev[i], pred_type, clip
-                )
-        # DDIM's last step lands on x at t_prev (x_0 when t_prev < 0); LCM returns its denoised sample.
-        return denoised if sched.c_skip is not None else x
-
-    def decode_latents(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> (1, 3, H, W) image in [0, 1]."""
-        image = self.vae.decode(latent / self.scaling_factor, return_dict=False)[0]
-        return (image / 2 + 0.5).clamp(0, 1)
 
     def postprocess(self, image: torch.Tensor, geometry: Geometry) -> np.ndarray:
         """(1, 3, H, W) in [0, 1] -> (h, w, 3) uint8 RGB numpy at the frame's own size."""
@@ -278,74 +269,13 @@ class StreamDenoiser:
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Text -> (1, L, D) embeddings, tokenized and encoded as diffusers' SD pipelines do."""
-        tokens = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].to(self.dtype)
+        return self.engine.encode_prompt(prompt)
 
     # ------------------------------------------------------------------ internals
-    def _check_size(self, config: StreamConfig) -> None:
-        f = self.vae_factor
-        if config.width % f or config.height % f:
-            raise ConfigError(
-                f"this model's autoencoder needs width and height that are multiples of {f}, "
-                f"got {config.width}x{config.height}"
-            )
-
-    @contextlib.contextmanager
-    def _convolutions(self) -> Iterator[None]:
-        """On the CPU, the convolution backend picked for this model (a process-wide torch switch)."""
-        if self.device.type != "cpu":
-            yield
-            return
-        previous = torch._C._get_mkldnn_enabled()
-        torch._C._set_mkldnn_enabled(self._mkldnn)
-        try:
-            yield
-        finally:
-            torch._C._set_mkldnn_enabled(previous)
-
-    def _pick_cpu_convolutions(self) -> bool:
-        """oneDNN or PyTorch's own CPU convolutions, whichever runs this UNet faster (small models differ)."""
-        batch = 2 if self._uses_cfg_batch(self.config) else 1
-        h, w = self.config.height // self.vae_factor, self.config.width // self.vae_factor
-        x = torch.zeros(batch, int(self.unet.config.in_channels), h, w, device=self.device, dtype=self.dtype)
-        embeds = self._embeds[:1].expand(batch, -1, -1) if self._embeds is not None else None
-        cond = self._timestep_cond(x)
-        cond = cond.expand(batch, -1) if cond is not None else None
-
-        def run(enabled: bool, repeat: int) -> float:
-            best = float("inf")
-            self._mkldnn = enabled
-            with torch.inference_mode(), self._convolutions():
-                for _ in range(repeat):
-                    start = time.perf_counter()
-                    self.unet(
-                        x, self._t[0], encoder_hidden_states=embeds, timestep_cond=cond, return_dict=False
-                    )
-                    best = min(best, time.perf_counter() - start)
-            return best
-
-        run(True, 1)
-        if run(True, 1) > 0.2:  # a large model: oneDNN is the better choice, and timing it is slow
-            return True
-        onednn, native = run(True, 3), run(False, 4)
-        logger.debug(
-            "CPU convolutions: oneDNN %.1f ms, native %.1f ms per UNet call", onednn * 1e3, native * 1e3
-        )
-        return onednn <= native
-
     def _set_schedule(self, config: StreamConfig) -> None:
-        sc = self.scheduler_config
+        sc = self.engine.scheduler_config
         T = int(sc.get("num_train_timesteps", 1000))
-        alphas_cumprod = _alphas_cumprod(sc)
+        alphas_cumprod = self.engine.alphas_cumprod
         c_skip: torch.Tensor | None = None
         c_out: torch.Tensor | None = None
         try:
@@ -357,6 +287,8 @@ class StreamDenoiser:
                 c_skip, c_out = schedule.lcm_boundary_scalings(
                     timesteps, float(sc.get("timestep_scaling", 10.0))
                 )
+            elif config.timesteps == "streaming":
+                timesteps, prev = schedule.streaming_timesteps(config.steps, config.strength, T)
             else:
                 timesteps, prev = schedule.ddim_timesteps(
                     config.steps,
@@ -379,16 +311,21 @@ class StreamDenoiser:
             c_skip=None if c_skip is None else on_device(c_skip),
             c_out=None if c_out is None else on_device(c_out),
         )
-        self._t = [torch.tensor(t, device=self.device) for t in timesteps]
+        self._t = [torch.tensor([t], device=self.device) for t in timesteps]
         clip = sc.get("clip_sample", False)
         self._clip_sample = float(sc.get("clip_sample_range", 1.0)) if clip else None
 
+    @property
+    def timesteps(self) -> tuple[int, ...]:
+        """The timesteps each frame is denoised through, first (noisiest) first."""
+        return self._schedule.timesteps
+
     def _uses_cfg_batch(self, config: StreamConfig) -> bool:
         """CFG as an [uncond, cond] batch, unless the UNet takes the guidance scale as an embedding (LCM)."""
-        return config.cfg and self.unet.config.time_cond_proj_dim is None
+        return config.cfg and self.engine.time_cond_dim is None
 
     def _timestep_cond(self, x: torch.Tensor) -> torch.Tensor | None:
-        dim = self.unet.config.time_cond_proj_dim
+        dim = self.engine.time_cond_dim
         if dim is None:
             return None
         if self._guidance_embed is None:
@@ -419,11 +356,87 @@ class StreamDenoiser:
         threshold = self.config.similarity_threshold
         if threshold <= 0 or state.last_input is None or state.last_output is None:
             return False
+        if state.skips >= self.config.max_skip:  # a still scene still gets a fresh frame now and then
+            return False
         return temporal.frame_similarity(pixels, state.last_input) >= threshold
 
 
-def _alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
-    """alpha_cumprod over the training timesteps, from the model's own scheduler config."""
-    from diffusers import DDIMScheduler
+def process_batch(
+    denoisers: Sequence[StreamDenoiser], frames: Sequence[np.ndarray]
+) -> list[FrameResult | Exception]:
+    """Frames of several streams that share an engine and a latent shape, through the model together.
 
-    return DDIMScheduler.from_config(scheduler_config).alphas_cumprod.float()  # (T,)
+    One VAE encode, one UNet call per step for the rows of every stream still at that step (streams
+    with fewer steps leave early), one VAE decode. Returns one result per stream, in order: a
+    FrameResult, or the exception that stream's own frame raised (a bad frame costs that stream only).
+    An exception of a batched call propagates: the caller may run the streams one by one.
+    """
+    if len({d.batch_key() for d in denoisers}) > 1:
+        raise ValueError("process_batch takes streams of one engine and one size; group them by batch_key()")
+    results: list[FrameResult | Exception | None] = [None] * len(denoisers)
+    jobs: list[tuple[int, _Job]] = []
+    for index, (denoiser, frame) in enumerate(zip(denoisers, frames, strict=True)):
+        try:
+            begun = denoiser._begin(frame)
+        except Exception as exc:  # a bad frame of one stream
+            results[index] = exc
+            continue
+        if isinstance(begun, FrameResult):
+            results[index] = begun
+        else:
+            jobs.append((index, begun))
+    if jobs:
+        engine = jobs[0][1].denoiser.engine
+        for (index, _), result in zip(jobs, _run(engine, [job for _, job in jobs]), strict=True):
+            results[index] = result
+    return [r for r in results if r is not None]
+
+
+def _run(engine: Engine, jobs: list[_Job]) -> list[FrameResult]:
+    """Steps 2-6 for jobs that share the engine and shape."""
+    timer = StageTimer(engine.device)
+    with torch.inference_mode():
+        # 2. encode: (B, 3, H, W) -> (B, C, H/f, W/f)
+        with timer("encode"):
+            latents = engine.encode(torch.cat([job.image for job in jobs]))
+        # 3-4. denoise: each stream's latent and noise, then step i for every stream still at step i
+        with timer("denoise"):
+            for job, latent in zip(jobs, latents.split(1), strict=True):
+                job.denoiser._start(job, latent)
+            steps = max(len(job.denoiser.timesteps) for job in jobs)
+            for i in range(steps):
+                active = [job for job in jobs if i < len(job.denoiser.timesteps)]
+                rows = [job.denoiser._rows(job, i) for job in active]
+                conds = [r[3] for r in rows]
+                with timer(f"unet_{i + 1}"):
+                    out = engine.run_unet(
+                        torch.cat([r[0] for r in rows]),
+                        torch.cat([r[1] for r in rows]),
+                        torch.cat([r[2] for r in rows]),
+                        None if conds[0] is None else torch.cat([c for c in conds if c is not None]),
+                    )
+                for job, part in zip(active, out.split([r[0].shape[0] for r in rows]), strict=True):
+                    job.denoiser._step(job, i, part)
+        # 5. decode: (B, C, h, w) -> (B, 3, H, W) in [0, 1]
+        with timer("decode"):
+            images = engine.decode(torch.cat([job.result for job in jobs if job.result is not None]))
+        shared = timer.finish()
+        del shared["total"]
+        # 6. postprocess, per stream
+        return [
+            job.denoiser._finish(job, image, shared) for job, image in zip(jobs, images.split(1), strict=True)
+        ]
+
+
+def _check_frame(frame: object) -> None:
+    """The one thing the caller cannot have validated: the frame itself."""
+    if not (
+        isinstance(frame, np.ndarray)
+        and frame.dtype == np.uint8
+        and frame.ndim == 3
+        and frame.shape[2] == 3
+        and frame.shape[0] > 0
+        and frame.shape[1] > 0
+    ):
+        got = f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray) else type(frame)
+        raise ValueError(f"frame must be an HxWx3 uint8 RGB array, got {got}")

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from stream.config import ConfigError
+from stream.config import ConfigError, StreamConfig
+
+logger = logging.getLogger(__name__)
+
+_cpu_convolutions: bool | None = None  # oneDNN (True) or PyTorch's own, once chosen for the process
+_cpu_lock = threading.Lock()
 
 
 def release_device_memory() -> None:
@@ -51,3 +59,36 @@ def set_attention(unet: Any, vae: Any, backend: str) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
     unet.set_attn_processor(AttnProcessor2_0())
+
+
+def choose_cpu_convolutions(time_call: Callable[[StreamConfig, int], float], config: StreamConfig) -> bool:
+    """oneDNN or PyTorch's own CPU convolutions, whichever runs the first model's UNet faster (small
+    models differ), chosen once per process and set process-wide: never flipped around a frame, so every
+    stream of the process computes the same way. `time_call(config, repeat)` times UNet calls."""
+    global _cpu_convolutions
+    with _cpu_lock:
+        if _cpu_convolutions is None:
+            _cpu_convolutions = _measure_cpu_convolutions(time_call, config)
+            torch._C._set_mkldnn_enabled(_cpu_convolutions)
+        return _cpu_convolutions
+
+
+def cpu_convolutions() -> str | None:
+    """The CPU convolution backend this process chose ("oneDNN" or "native"), None before any model ran."""
+    return None if _cpu_convolutions is None else ("oneDNN" if _cpu_convolutions else "native")
+
+
+def _measure_cpu_convolutions(time_call: Callable[[StreamConfig, int], float], config: StreamConfig) -> bool:
+    previous = torch._C._get_mkldnn_enabled()
+    try:
+        torch._C._set_mkldnn_enabled(True)
+        time_call(config, 1)  # the first call allocates
+        if time_call(config, 1) > 0.2:  # a large model: oneDNN is the better choice, and timing it is slow
+            return True
+        onednn = time_call(config, 3)
+        torch._C._set_mkldnn_enabled(False)
+        native = time_call(config, 4)
+    finally:
+        torch._C._set_mkldnn_enabled(previous)
+    logger.debug("CPU convolutions: oneDNN %.1f ms, native %.1f ms per UNet call", onednn * 1e3, native * 1e3)
+    return onednn <= native

@@ -44,6 +44,29 @@ def inference_steps_for(steps: int, strength: float) -> int:
     return total
 
 
+def streaming_timesteps(
+    steps: int, strength: float, num_train_timesteps: int = 1000
+) -> tuple[list[int], list[int]]:
+    """The streaming rule: the first timestep follows strength continuously, then `steps` evenly below.
+
+    t_1 = round(strength * (T - 1)) (strength 1 starts at the last training timestep) and
+    t_i = round(t_1 * (steps - i + 1) / steps); the last step lands on -1 (the final alpha, x_0).
+    Unlike diffusers' img2img grid, which snaps the start to a multiple of T // N (with `leading`
+    spacing a 1-step frame starts at t=1 whatever the strength), every strength gets its own start.
+    Returns (timesteps, the timestep each step lands on).
+    """
+    if steps < 1 or not 0.0 < strength <= 1.0:
+        raise ValueError(f"need steps >= 1 and strength in (0, 1], got steps={steps}, strength={strength}")
+    first = round(strength * (num_train_timesteps - 1))
+    if first < steps:
+        raise ValueError(
+            f"strength {strength} is too low for {steps} distinct steps: "
+            f"at least {steps / (num_train_timesteps - 1):.4f} is needed"
+        )
+    timesteps = [round(first * (steps - i) / steps) for i in range(steps)]
+    return timesteps, [*timesteps[1:], -1]
+
+
 def ddim_timesteps(
     steps: int,
     strength: float,
