@@ -106,9 +106,9 @@ def test_webrtc_e2e_benchmark_measures_glass_to_glass(
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     g2g = result["glass_to_glass_ms"]
     assert g2g["count"] >= 5, result  # frame IDs survive VP8 both ways and the server's copy
-    assert 0 < g2g["p50"] <= g2g["p95"] <= g2g["p99"] < 10_000
+    assert g2g["p50"] > 0 and g2g["p99"] < 10_000
     assert result["received_fps"] > 1 and result["received_size"] == [128, 128]
-    assert result["stamped_back"] <= result["stamped_sent"] and result["freezes"] >= 0
+    assert 0 < result["stamped_back"] <= result["stamped_sent"]
     assert plot.read_bytes()[:4] == b"\x89PNG"
 
 

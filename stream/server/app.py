@@ -71,8 +71,10 @@ class StreamServer:
         adaptive: bool = True,
         max_viewers: int = 16,
         virtualcam: FrameSink | None = None,
+        batching: bool = True,
     ) -> None:
         self.config = config
+        self.batching = batching  # sessions of one size share one batch per round (False: one at a time)
         self.max_viewers = max_viewers
         self.virtualcam = virtualcam  # gets the output of the newest session (`published`)
         self.published: Session | None = None
@@ -142,9 +144,21 @@ class StreamServer:
             self.config,
             on_frame=self.frame_seconds.observe,
             on_output=self._publish if self.virtualcam is not None else None,
+            batching=self.batching,
+            on_failed=self._session_failed,
         )
         self.worker.start()
         self._reaper = asyncio.create_task(self._reap())
+
+    def _session_failed(self, session: Session, reason: str) -> None:
+        """On the loop: the worker gave up on a session that kept failing."""
+        session.tasks.append(asyncio.ensure_future(self.close_session(session, reason)))
+
+    def unavailable(self) -> str | None:
+        """Why the server cannot take sessions now (its model worker stopped), or None."""
+        if self.worker is not None and not self.worker.alive:
+            return self.worker.failure or "the model worker is not running"
+        return None
 
     async def _shutdown(self, app: web.Application) -> None:
         if self._reaper:
@@ -201,9 +215,11 @@ class StreamServer:
         return web.FileResponse(page)
 
     async def health(self, request: web.Request) -> web.Response:
+        problem = self.unavailable()
         return web.json_response(
             {
-                "status": "ok",
+                "status": "ok" if problem is None else "error",
+                **({"error": problem} if problem else {}),
                 "model": self.model_name,
                 "placeholder": self.placeholder,
                 "sessions": len(self.sessions),
@@ -216,7 +232,8 @@ class StreamServer:
                 "settings": {
                     name: getattr(self.config, name) for name in (*LIVE_SETTINGS, "width", "height")
                 },
-            }
+            },
+            status=200 if problem is None else 503,
         )
 
     async def stats(self, request: web.Request) -> web.Response:

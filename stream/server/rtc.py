@@ -49,14 +49,37 @@ class FrameEndJitterBuffer(JitterBuffer):
         return None
 
 
-def low_latency_receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> None:
+# The aiortc internals this module relies on (aiortc is pinned below 2; tests/test_rtc.py checks these).
+_RECEIVER_BUFFER = "_RTCRtpReceiver__jitter_buffer"
+_BUFFER_FIELDS = ("_origin", "_packets", "capacity")
+
+
+async def aiortc_internals_missing() -> list[str]:
+    """The aiortc internals this module uses that this aiortc lacks (empty when all are there)."""
+    missing = [
+        f"JitterBuffer.{name}" for name in ("_remove_frame", "remove") if not hasattr(JitterBuffer, name)
+    ]
+    buffer = JitterBuffer(capacity=16, is_video=True)
+    missing += [f"JitterBuffer().{name}" for name in _BUFFER_FIELDS if not hasattr(buffer, name)]
+    pc = RTCPeerConnection()
+    try:
+        receiver = pc.addTransceiver("video").receiver
+        if not isinstance(getattr(receiver, _RECEIVER_BUFFER, None), JitterBuffer):
+            missing.append(f"RTCRtpReceiver.{_RECEIVER_BUFFER}")
+    finally:
+        await pc.close()
+    return missing
+
+
+def low_latency_receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> bool:
     """Give the receiver of `track` the jitter buffer that releases frames at their last packet."""
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
-        if receiver.track is track and hasattr(receiver, "_RTCRtpReceiver__jitter_buffer"):
-            receiver._RTCRtpReceiver__jitter_buffer = FrameEndJitterBuffer(capacity=512, is_video=True)
-            return
+        if receiver.track is track and hasattr(receiver, _RECEIVER_BUFFER):
+            setattr(receiver, _RECEIVER_BUFFER, FrameEndJitterBuffer(capacity=512, is_video=True))
+            return True
     logger.warning("could not lower the receive latency: this aiortc version is not the one expected")
+    return False
 
 
 def parse_ice_server(text: str) -> RTCIceServer:

@@ -31,6 +31,7 @@ from stream.server.rtc import to_video
 logger = logging.getLogger(__name__)
 
 TELEMETRY_INTERVAL = 0.33  # seconds: about 3 messages a second
+MAX_PTS_JUMP = 3  # seconds: a larger jump of the input's timestamps is a restarted clock, not time
 
 
 # What the page may change live, with the names it uses; anything else is refused.
@@ -50,7 +51,7 @@ DenoiserFactory = Callable[[StreamConfig], Denoiser]
 @dataclasses.dataclass
 class Processed:
     frame: np.ndarray  # HxWx3 uint8 RGB
-    pts: int
+    pts: int | None  # the input frame's, None when it had none
     time_base: Fraction
     ready: float  # time.perf_counter() when the worker finished it, for the hand-off timing
     video: av.VideoFrame | None = None  # `frame` as the encoders take it (yuv420p), made on the worker
@@ -73,7 +74,9 @@ class Session:
         self.id = session_id
         self.kind = kind  # "browser" (POST /offer) or "whip" (POST /whip: OBS and other encoders)
         self.pc = pc
-        self.config = config  # the user's settings, validated; the worker applies them before the next frame
+        # The user's settings, validated, and their version (one more with every change): the worker
+        # applies them before the next frame, and rolls back only the version it refused.
+        self.requested: tuple[StreamConfig, int] = (config, 0)
         self.applied: StreamConfig | None = None  # what the worker's denoiser runs with (adaptive level)
         self.accepted: StreamConfig | None = None  # the user's settings behind `applied`
         self.denoiser: Denoiser | None = None  # created and used only by the worker thread
@@ -87,6 +90,9 @@ class Session:
         self.adaptive = AdaptiveController(
             self.monitor.budget_ms, build_ladder(config.steps, config.width, config.height), enabled=adaptive
         )
+        # The controller belongs to the worker thread; the loop reads only this snapshot, replaced whole.
+        self.adaptive_state: dict[str, Any] = self.adaptive.snapshot()
+        self.failures = 0  # frames in a row that failed
         self.stamp = stamp  # copy the page's frame-ID patch from each input into its output
         self.tasks: list[asyncio.Task[Any]] = []
         self.control: RTCDataChannel | None = None
@@ -97,14 +103,32 @@ class Session:
         self.last_pts = -1  # pts of the last frame sent
         self.last_input_pts: int | None = None
 
-    def output_pts(self, input_pts: int) -> int:
-        """The input's timing, kept strictly increasing across the 32-bit RTP clock's wrap-around."""
-        if self.last_input_pts is None:
-            pts = input_pts
+    @property
+    def config(self) -> StreamConfig:
+        return self.requested[0]
+
+    @config.setter
+    def config(self, config: StreamConfig) -> None:
+        self.requested = (config, self.requested[1] + 1)
+
+    def output_pts(self, input_pts: int | None, time_base: Fraction = Fraction(1, 90000)) -> int:
+        """The input's timing, kept strictly increasing across the 32-bit RTP clock's wrap-around.
+
+        A missing pts, or a jump of more than MAX_PTS_JUMP seconds either way (a sender that restarted
+        its clock), continues from the last output pts one nominal frame on instead of jumping.
+        """
+        step = max(1, round(Fraction(1, 30) / time_base))  # a nominal frame, in the time base's ticks
+        if input_pts is None or self.last_input_pts is None:
+            pts = input_pts if self.last_pts < 0 and input_pts is not None else self.last_pts + step
         else:
-            pts = self.last_pts + max(1, (input_pts - self.last_input_pts) % 2**32)
-        self.last_input_pts, self.last_pts = input_pts, pts
-        return pts
+            delta = (input_pts - self.last_input_pts) % 2**32
+            pts = self.last_pts + (max(1, delta) if delta * time_base <= MAX_PTS_JUMP else step)
+        self.last_input_pts, self.last_pts = input_pts, max(pts, self.last_pts + 1)
+        return self.last_pts
+
+    def publish_adaptive(self) -> None:
+        """On the worker thread: a new immutable view of the adaptive controller for the loop."""
+        self.adaptive_state = self.adaptive.snapshot()
 
     def deliver(self, processed: Processed, timings: dict[str, float], skipped: bool) -> None:
         """Called on the event loop by the worker: newest processed frame wins."""
@@ -114,8 +138,15 @@ class Session:
         self.monitor.frame_out(timings, skipped)
         self.output_ready.set()
 
-    def refuse(self, message: str) -> None:
-        """Tell the page that the worker could not apply its last settings (they were rolled back)."""
+    def refuse(self, message: str, version: int, accepted: StreamConfig) -> None:
+        """The worker could not apply settings `version`: roll back to `accepted` unless the page has sent
+        newer settings since (those get their own try), and tell the page."""
+        if self.requested[1] == version:
+            self.config = accepted
+        self.report(message)
+
+    def report(self, message: str) -> None:
+        """An error for the page, on its control channel."""
         if self.control is not None and self.control.readyState == "open":
             self.control.send(json.dumps({"type": "error", "message": message}))
 
@@ -126,7 +157,7 @@ class Session:
             "kind": self.kind,
             "viewers": len(self.viewers),
             **self.monitor.snapshot(),
-            "adaptive": self.adaptive.snapshot(),
+            "adaptive": self.adaptive_state,
             "stamp": self.stamp,
             "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
         }
@@ -164,7 +195,7 @@ class ProcessedTrack(MediaStreamTrack):
                 break
         out = session.output
         frame = out.video or to_video(out.frame)  # made by the worker, unless nobody was sending then
-        frame.pts, frame.time_base = session.output_pts(out.pts), out.time_base
+        frame.pts, frame.time_base = session.output_pts(out.pts, out.time_base), out.time_base
         session.monitor.sample("handoff", (time.perf_counter() - out.ready) * 1000.0)
         return frame
 

@@ -89,6 +89,9 @@ async def start_session(
     server: StreamServer, sdp: str, config: StreamConfig, *, stamp: bool = False, kind: str = "browser"
 ) -> Session | web.Response:
     """Negotiate a new session from a checked offer; an error response when it cannot start."""
+    problem = server.unavailable()
+    if problem is not None:
+        return error(503, f"the server cannot take sessions now: {problem}", cors=True)
     if len(server.sessions) >= server.max_sessions:
         return error(503, f"the server is full: {server.max_sessions} sessions at once; try again later")
     pc = RTCPeerConnection(RTCConfiguration(iceServers=server.ice_servers))
