@@ -190,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--virtualcam-device", default=None, metavar="DEVICE", help="virtual camera device, e.g. /dev/video7"
     )
+    serve.add_argument(
+        "--batching",
+        choices=["on", "off"],
+        default="on",
+        help="each round, run the sessions of one size as one batch through the model (on, the default), "
+        "or one after the other (off)",
+    )
     serve.add_argument("-v", "--verbose", action="store_true", help="log more (sessions, model loading)")
     add_budget_arguments(serve, "on")
     add_config_arguments(serve)
@@ -257,6 +264,19 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     bench.add_argument(
         "--plot", metavar="FILE.png", help="draw latency over time by stage and its distribution"
+    )
+    bench.add_argument(
+        "--sessions",
+        metavar="N[,N...]",
+        help="measure several sessions on one model instead (e.g. 1,2,4,8): each with its own prompt, "
+        "seed and clip; aggregate frames/s, per-session FPS and latency, UNet calls per round",
+    )
+    bench.add_argument(
+        "--batching",
+        default="on,off",
+        metavar="on|off[,...]",
+        help="with --sessions: run the sessions of a round as one batch (on), one by one (off), or both "
+        "in one run (on,off; the default)",
     )
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     bench.add_argument("-v", "--verbose", action="store_true", help="log more (model loading)")
@@ -353,6 +373,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         adaptive=args.adaptive == "on",
         max_viewers=args.max_viewers,
         virtualcam=virtualcam,
+        batching=args.batching == "on",
     )
     base = f"http://{args.host}:{args.port}"
     url = f"{base}/" + (f"?token={args.token}" if args.token else "")
@@ -378,6 +399,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     check_budget_arguments(args)
+    if args.sessions is not None:
+        return _bench_sessions(args, config)
     if args.plot:
         bench.import_pyplot()  # fail before the slow part when matplotlib is missing
         if not Path(args.plot).parent.is_dir():
@@ -394,6 +417,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.report(
         summary, as_json=args.json, plot_path=args.plot, command=["stream", *sys.argv[1:]], out=sys.stdout
     )
+    return 0
+
+
+def _bench_sessions(args: argparse.Namespace, config: StreamConfig) -> int:
+    import json
+
+    from stream import bench_sessions
+
+    try:
+        sessions = [int(n) for n in args.sessions.split(",")]
+    except ValueError:
+        raise UsageError(
+            f"--sessions takes counts separated by commas, e.g. 1,2,4,8; got {args.sessions!r}"
+        ) from None
+    if not sessions or min(sessions) < 1 or max(sessions) > 64:
+        raise UsageError(f"--sessions: each count must be from 1 to 64, got {args.sessions!r}")
+    modes = args.batching.split(",")
+    if not modes or any(m not in ("on", "off") for m in modes):
+        raise UsageError(f"--batching takes on, off or both (on,off), got {args.batching!r}")
+    if args.frames < 1 or args.warmup < 0:
+        raise UsageError("--frames (rounds) must be at least 1 and --warmup 0 or more")
+    summary = bench_sessions.run(
+        config,
+        sessions,
+        [m == "on" for m in modes],
+        rounds=args.frames,
+        warmup=args.warmup,
+        progress=None if args.quiet else sys.stderr,
+    )
+    summary.update(
+        {"model": config.model, "width": config.width, "height": config.height, "steps": config.steps}
+    )
+    summary.update({"guidance": config.guidance_scale, "command": " ".join(["stream", *sys.argv[1:]])})
+    bench_sessions.print_table(summary)
+    print(json.dumps(summary))
     return 0
 
 

@@ -254,6 +254,30 @@ def test_bench_prints_a_table_json_and_a_plot(
     assert plot.stat().st_size > 10_000 and plot.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_bench_sessions_compares_batching_in_one_run(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    args = ["--model", "tiny", "--width", "64", "--height", "64", "--steps", "3", "--guidance", "2"]
+    assert main(["bench", *args, "--sessions", "1,3", "--frames", "2", "--warmup", "1", "-q"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    result = json.loads(out[-1])
+    rows = {(r["batching"], r["sessions"]): r for r in result["rows"]}
+    assert set(rows) == {(True, 1), (True, 3), (False, 1), (False, 3)}
+    assert rows[(True, 3)]["unet_calls_per_round"] == 3  # one call per step for all three sessions
+    assert rows[(False, 3)]["unet_calls_per_round"] == 9
+    assert all(r["aggregate_fps"] > 0 and r["latency_p95_ms"] > 0 for r in rows.values())
+    assert "UNet calls/round" in out[0] and len(out) == 6
+
+
+@pytest.mark.parametrize(
+    "extra", [["--sessions", "0"], ["--sessions", "two"], ["--sessions", "2", "--batching", "maybe"]]
+)
+def test_bench_sessions_bad_arguments(extra: list[str], capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--model", "tiny", *extra]) == 2
+    err = capsys.readouterr().err
+    assert "--sessions" in err or "--batching" in err
+
+
 def test_bench_script_always_ends_with_json(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
     from benchmarks.latency import main as latency_main
 
