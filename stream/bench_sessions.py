@@ -10,10 +10,12 @@ each count with batching on, then off, on the same loaded model.
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from typing import Any, TextIO
 
+from stream.bench import BenchError
 from stream.clips import photo_clip
 from stream.config import StreamConfig
 from stream.denoiser import FrameResult, StreamDenoiser, process_batch
@@ -119,3 +121,36 @@ def print_table(summary: dict[str, Any], out: TextIO = sys.stdout) -> None:
             f"{r['session_fps']:>11.1f} {r['latency_p50_ms']:>8.1f} {r['latency_p95_ms']:>8.1f} "
             f"{r['unet_calls_per_round']:>16.1f} {ratio:>6.2f}x\n"
         )
+
+
+def command(
+    sessions: str, batching: str, config: StreamConfig, rounds: int, warmup: int, quiet: bool
+) -> None:
+    """`stream bench --sessions ...`: checks the flags, runs, prints the table and one JSON line."""
+    try:
+        counts = [int(n) for n in sessions.split(",")]
+    except ValueError:
+        raise BenchError(
+            f"--sessions takes counts separated by commas, e.g. 1,2,4,8; got {sessions!r}"
+        ) from None
+    if not counts or min(counts) < 1 or max(counts) > 64:
+        raise BenchError(f"--sessions: each count must be from 1 to 64, got {sessions!r}")
+    modes = batching.split(",")
+    if any(m not in ("on", "off") for m in modes):
+        raise BenchError(f"--batching takes on, off or both (on,off), got {batching!r}")
+    if rounds < 1 or warmup < 0:
+        raise BenchError("--frames (rounds) must be at least 1 and --warmup 0 or more")
+    summary = run(
+        config,
+        counts,
+        [m == "on" for m in modes],
+        rounds=rounds,
+        warmup=warmup,
+        progress=None if quiet else sys.stderr,
+    )
+    summary.update(
+        {"model": config.model, "width": config.width, "height": config.height, "steps": config.steps}
+    )
+    summary.update({"guidance": config.guidance_scale, "command": " ".join(["stream", *sys.argv[1:]])})
+    print_table(summary)
+    print(json.dumps(summary))

@@ -421,37 +421,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _bench_sessions(args: argparse.Namespace, config: StreamConfig) -> int:
-    import json
-
     from stream import bench_sessions
 
-    try:
-        sessions = [int(n) for n in args.sessions.split(",")]
-    except ValueError:
-        raise UsageError(
-            f"--sessions takes counts separated by commas, e.g. 1,2,4,8; got {args.sessions!r}"
-        ) from None
-    if not sessions or min(sessions) < 1 or max(sessions) > 64:
-        raise UsageError(f"--sessions: each count must be from 1 to 64, got {args.sessions!r}")
-    modes = args.batching.split(",")
-    if not modes or any(m not in ("on", "off") for m in modes):
-        raise UsageError(f"--batching takes on, off or both (on,off), got {args.batching!r}")
-    if args.frames < 1 or args.warmup < 0:
-        raise UsageError("--frames (rounds) must be at least 1 and --warmup 0 or more")
-    summary = bench_sessions.run(
-        config,
-        sessions,
-        [m == "on" for m in modes],
-        rounds=args.frames,
-        warmup=args.warmup,
-        progress=None if args.quiet else sys.stderr,
-    )
-    summary.update(
-        {"model": config.model, "width": config.width, "height": config.height, "steps": config.steps}
-    )
-    summary.update({"guidance": config.guidance_scale, "command": " ".join(["stream", *sys.argv[1:]])})
-    bench_sessions.print_table(summary)
-    print(json.dumps(summary))
+    bench_sessions.command(args.sessions, args.batching, config, args.frames, args.warmup, args.quiet)
     return 0
 
 

@@ -135,8 +135,15 @@ def test_streams_of_another_size_are_refused_in_one_batch(components: Components
         process_batch([a, b], frames(2))
 
 
-def test_the_engine_is_shared_and_set_up_once(components: Components) -> None:
+def test_the_engine_is_shared_and_set_up_once(
+    components: Components, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    StreamDenoiser(components, config())  # the engine exists
+    calls: list[object] = []
+    monkeypatch.setattr("stream.engine.set_attention", lambda *args: calls.append(args))
+    monkeypatch.setattr("stream.engine.choose_cpu_convolutions", lambda *args: calls.append(args))
     a, b = StreamDenoiser(components, config()), StreamDenoiser(components, config(prompt="x"))
+    assert calls == []  # a new session touches nothing shared: no attention reset, no timing
     assert a.engine is b.engine is Engine.shared(components, config())
     assert a.batch_key() == b.batch_key()
 
