@@ -53,6 +53,8 @@ class Engine:
         self.alphas_cumprod = _alphas_cumprod(self.scheduler_config)
         self.calls = 0  # UNet calls so far (benchmarks count them per round)
         self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._tokens: OrderedDict[str, Any] = OrderedDict()
+        self._tokens_lock = threading.Lock()
         set_attention(self.unet, self.vae, attention)
 
     @classmethod
@@ -94,14 +96,24 @@ class Engine:
 
     # ------------------------------------------------------------------ prompts
     def tokenize(self, prompt: str) -> Any:
-        """Text -> token ids and mask, as diffusers' SD pipelines tokenize (CPU only, any thread)."""
-        return self.tokenizer(
+        """Text -> token ids and mask, as diffusers' SD pipelines tokenize. CPU only and safe on any
+        thread: the server tokenizes a new prompt off the model thread, which then finds it cached."""
+        with self._tokens_lock:
+            cached = self._tokens.get(prompt)
+        if cached is not None:
+            return cached
+        tokens = self.tokenizer(
             prompt,
             padding="max_length",
             max_length=self.tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         )
+        with self._tokens_lock:
+            self._tokens[prompt] = tokens
+            while len(self._tokens) > PROMPT_CACHE:
+                self._tokens.popitem(last=False)
+        return tokens
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Text -> (1, L, D) embeddings; the last few prompts are cached (sessions often share them)."""
