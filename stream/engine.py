@@ -90,8 +90,13 @@ class Engine:
         ]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(B, C, h, w) scaled latents -> (B, 3, H, W) images in [0, 1]."""
-        image = self.vae.decode(latents / self.scaling_factor, return_dict=False)[0]
+        """(B, C, h, w) scaled latents -> (B, 3, H, W) images in [0, 1].
+
+        On a CPU the rows are decoded one by one: the decoder's full-resolution convolutions run slower
+        in a batch there (measured on a 2-core machine, tiny model, 4 rows of 256x256: 42-52 ms batched
+        against 26-37 ms one by one). On a GPU the batch is one call."""
+        rows = latents.split(1) if self.device.type == "cpu" else [latents]
+        image = torch.cat([self.vae.decode(r / self.scaling_factor, return_dict=False)[0] for r in rows])
         return (image / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ prompts
