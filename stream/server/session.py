@@ -116,6 +116,7 @@ class Session:
 
     def refuse(self, message: str) -> None:
         """Tell the page that the worker could not apply its last settings (they were rolled back)."""
+        logger.info("session %s: settings refused by the model and rolled back: %s", self.id, message)
         if self.control is not None and self.control.readyState == "open":
             self.control.send(json.dumps({"type": "error", "message": message}))
 
@@ -169,8 +170,11 @@ class ProcessedTrack(MediaStreamTrack):
         return frame
 
 
-def apply_settings(config: StreamConfig, changes: object) -> StreamConfig:
-    """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig."""
+def apply_settings(
+    config: StreamConfig, changes: object, sizes: list[tuple[int, int]] | None = None
+) -> StreamConfig:
+    """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig; a new size must be one
+    of `sizes` (when given: the sizes the server offers for its model)."""
     if not isinstance(changes, dict):
         raise ConfigError("settings must be a JSON object")
     unknown = sorted(set(changes) - set(LIVE_SETTINGS))
@@ -180,4 +184,14 @@ def apply_settings(config: StreamConfig, changes: object) -> StreamConfig:
         )
     if not changes:
         return config
-    return config.replace(**changes)
+    new = config.replace(**changes)
+    if (
+        sizes
+        and (new.width, new.height) != (config.width, config.height)
+        and (new.width, new.height) not in sizes
+    ):
+        offered = ", ".join(f"{w}x{h}" for w, h in sizes)
+        raise ConfigError(
+            f"size {new.width}x{new.height} is not offered for this model; pick one of {offered}"
+        )
+    return new
