@@ -11,7 +11,6 @@ import torch
 
 from stream.models.base import (
     DEFAULT_MODEL,
-    PLACEHOLDER_NOTE,
     SINGLE_FILE_SUFFIXES,
     TAESD_MODEL,
     Components,
@@ -35,11 +34,11 @@ def load_auto(dtype: torch.dtype) -> Components:
             reason = exc.__cause__ or exc
     why = why_not_loaded(DEFAULT_MODEL, reason) if reason is not None else "is not available"
     logger.warning(
-        "model auto: %s %s; running the %s instead. For real output: connect to the network once to "
-        "download it, set HF_HOME to a cache that has it, or pass --model with a local folder",
+        "model auto: %s %s; running the built-in tiny model instead (random weights: the output is not a "
+        "picture of anything). For real output: connect to the network once to download it, set HF_HOME to "
+        "a cache that has it, or pass --model with a local folder",
         DEFAULT_MODEL,
         why,
-        PLACEHOLDER_NOTE,
     )
     return load_pipeline(
         str(ensure_tiny_model()), dtype, name="tiny (built-in, auto fallback)", placeholder=True
