@@ -83,7 +83,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # 4. serve; the address is printed once the socket listens
         base = f"http://{url_host(args.host)}:{args.port}"
         url = f"{base}/" + (f"?token={args.token}" if args.token else "")
-        expect = f", expect up to {min(speed.fps, args.target_fps):.0f} FPS" if speed else ""
+        expect = f", expect up to {fps_text(min(speed.fps, args.target_fps))} FPS" if speed else ""
 
         def announce(_: str) -> None:
             size = f"{config.width}x{config.height}"
@@ -132,6 +132,10 @@ def bind(host: str, port: int) -> list[socket.socket]:
             ) from exc
         raise UsageError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; check --host") from exc
     return sockets
+
+
+def fps_text(fps: float) -> str:
+    return f"{fps:.0f}" if fps >= 10 else f"{fps:.1f}"
 
 
 def url_host(host: str) -> str:
@@ -187,8 +191,8 @@ def warm_up(
         config.replace(width=chosen.width, height=chosen.height),
         chosen,
         (
-            f"CPU: sessions start at {chosen.size} ({chosen.fps:.0f} FPS measured here; {first.size}: "
-            f"{first.fps:.0f} FPS), {held} the {target_fps:g} FPS target; pick another size in the page, "
-            "or pass --width/--height"
+            f"CPU: sessions start at {chosen.size} ({fps_text(chosen.fps)} FPS measured here; "
+            f"{first.size}: {fps_text(first.fps)} FPS), {held} the {target_fps:g} FPS target; pick another "
+            "size in the page, or pass --width/--height"
         ),
     )

@@ -75,12 +75,12 @@ def test_serving_is_said_once_the_socket_listens_at_a_measured_cpu_size(tiny_mod
                 break
         serving = lines[-1]
         match = re.fullmatch(
-            rf"stream: serving tiny \(built-in\) at (\d+)x(\d+), expect up to (\d+) FPS on "
+            rf"stream: serving tiny \(built-in\) at (\d+)x(\d+), expect up to (\d+(?:\.\d)?) FPS on "
             rf"http://127.0.0.1:{port}/ \(Ctrl-C to stop\)",
             serving,
         )
         assert match, lines
-        width, height, fps = (int(g) for g in match.groups())
+        width, height, fps = int(match[1]), int(match[2]), float(match[3])
         assert 0 < fps <= 24 and width == height <= 512
         assert health["settings"]["width"] == width and [width, height] in health["sizes"]
         assert health["sizes"][-1] == [512, 512]  # the larger sizes stay on offer in the page
@@ -98,7 +98,9 @@ def test_model_errors_are_one_line_that_says_what_to_do(tmp_path: Path, tiny_mod
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 2
     (line,) = err.strip().splitlines()  # one line: no library text, no note about the empty output
-    assert line.startswith("stream: error: model 'some/missing-id' is not in the Hugging Face cache")
+    assert line.startswith(
+        "stream: error: could not load model 'some/missing-id': it is not in the Hugging Face cache"
+    )
     for words in ("--model tiny", "HF_HOME", "local diffusers folder"):
         assert words in line
     assert "local_files_only" not in line and len(line) < 400

@@ -97,5 +97,13 @@ def test_median_ms_stops_early_for_a_slow_model() -> None:
         calls.append(1)
         now[0] += 3.0  # 3 s a frame
 
-    assert median_ms(frame, warmup=1, frames=5, max_seconds=4.0, clock=clock) == pytest.approx(3000)
-    assert len(calls) == 1 + 2  # one untimed, then two timed (over 4 s)
+    assert median_ms(frame, warmup=2, frames=5, max_seconds=4.0, clock=clock) == pytest.approx(3000)
+    assert len(calls) == 1 + 1  # one untimed (over half of 4 s: the second is skipped), then one timed
+    now[0], calls[:] = 0.0, []
+
+    def fast() -> None:
+        calls.append(1)
+        now[0] += 0.01
+
+    assert median_ms(fast, warmup=2, frames=5, max_seconds=4.0, clock=clock) == pytest.approx(10)
+    assert len(calls) == 2 + 5

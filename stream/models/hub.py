@@ -98,8 +98,9 @@ def load_pipeline(
         )
     except Exception as exc:  # diffusers raises OSError, ValueError, HTTP errors... all mean "cannot load"
         raise ModelError(
-            f"model '{source}' {why_not_loaded(source, exc)}. Give a hub id that is cached or downloadable, "
-            "a local diffusers folder or .safetensors file, set HF_HOME to a cache that has it, "
+            f"could not load model '{source}': it {why_not_loaded(source, exc)}. Give a hub id that is "
+            "cached or downloadable, a local diffusers folder or .safetensors file, set HF_HOME to a cache "
+            "that has it, "
             "or try everything with --model tiny"
         ) from exc
     return _from_pipeline(pipe, name, placeholder)
