@@ -25,6 +25,8 @@ LIVE_SETTINGS = (
     "steps",
     "seed",
     "latent_feedback",
+    "width",  # a new size applies from the next frame (the server may offer only some sizes)
+    "height",
 )
 
 

@@ -57,19 +57,25 @@ class RollingStats:
     def __init__(self, window: int = 240) -> None:
         self.window = window
         self.samples: dict[str, deque[float]] = {}
+        self.last: dict[str, int] = {}  # stage -> `count` when it was last sampled
         self.stamps: deque[float] = deque(maxlen=window)
         self.count = 0
 
     def add(self, timings: Mapping[str, float], now: float | None = None) -> None:
         """One frame: its timings, and its time for the frame rate."""
+        self.count += 1
         for key, value in timings.items():
             self.sample(key, value)
         self.stamps.append(time.perf_counter() if now is None else now)
-        self.count += 1
 
     def sample(self, key: str, value: float) -> None:
         """One timing that is not tied to a frame's arrival (e.g. a hand-off measured later)."""
         self.samples.setdefault(key, deque(maxlen=self.window)).append(value)
+        self.last[key] = self.count
+
+    def live(self, key: str, within: int) -> bool:
+        """Whether `key` was sampled in the last `within` frames (e.g. unet_3 after steps went 4 -> 2: no)."""
+        return key in self.last and self.count - self.last[key] <= within
 
     def percentiles(self, key: str, qs: tuple[float, ...] = (50, 95, 99)) -> tuple[float, ...]:
         values = list(self.samples.get(key, ()))
@@ -85,6 +91,8 @@ class RollingStats:
 # ---------------------------------------------------------------------- the monitor
 class LatencyMonitor:
     """One stream's timings, frame rates, drops and skips, judged against its budget."""
+
+    STALE_FRAMES = 24  # a stage not timed in this many frames no longer runs: left out of `latency()`
 
     def __init__(self, target_fps: float = 24.0, window: int = 240) -> None:
         if not (isinstance(target_fps, (int, float)) and math.isfinite(target_fps) and target_fps > 0):
@@ -125,7 +133,7 @@ class LatencyMonitor:
 
     def latency(self) -> dict[str, dict[str, float | None]]:
         table: dict[str, dict[str, float | None]] = {}
-        for stage in stage_names(self.out.samples):
+        for stage in stage_names(k for k in self.out.samples if self.out.live(k, self.STALE_FRAMES)):
             p50, p95, p99 = self.out.percentiles(stage)
             table[stage] = {"p50": _num(p50), "p95": _num(p95), "p99": _num(p99)}
         return table

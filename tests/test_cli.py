@@ -70,7 +70,15 @@ def test_frames_limit_on_a_file(tmp_path: Path, tiny_model_dir: Path) -> None:
 BAD_ARGS = [
     (["--steps", "9"], "steps must be an integer from 1 to 5, got 9"),
     (["--strength", "1.5"], "strength must be in (0, 1], got 1.5"),
-    (["--width", "100"], "width must be a multiple of 8"),
+    (
+        ["--width", "100"],
+        "--width 100 does not fit the built-in tiny model (sizes must be multiples of 16); nearest: 96 or 112",
+    ),
+    (
+        ["--model", "random:sd15", "--height", "250"],
+        "--height 250 does not fit random:sd15 (an SD architecture) (sizes must be multiples of 8); nearest: 248 or 256",
+    ),
+    (["--height", "4096"], "height must be a multiple of 8 from 64 to 2048, got 4096"),
     (["--guidance", "-2"], "guidance_scale must be in [0, 30]"),
     (["--latent-feedback", "1"], "latent_feedback must be in [0, 1)"),
     (["--scheduler", "euler"], "scheduler must be one of ddim, lcm"),
@@ -313,3 +321,88 @@ def test_bench_script_always_ends_with_json(tiny_model_dir: Path, capsys: pytest
 def test_bench_bad_arguments(extra: list[str], words: str, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--model", "tiny", "--width", "64", "--height", "64", "-q", *extra]) == 2
     assert words in capsys.readouterr().err
+
+
+def test_a_size_the_model_cannot_take_is_refused_before_loading(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The built-in model's real rule (multiples of 16), with the nearest sizes, before any loading."""
+
+    def no_loading(*args: object) -> None:
+        raise AssertionError("the model was loaded before the size was checked")
+
+    monkeypatch.setattr("stream.cli.load_model", no_loading)
+    monkeypatch.setattr("stream.serve.load_model", no_loading)
+    out = str(tmp_path / "o.mp4")
+    for command in (["run", "--source", "synthetic", "--sink", out], ["serve", "--port", "1"], ["bench"]):
+        assert main([*command, "--model", "tiny", "--width", "520"]) == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line == (
+            "stream: error: --width 520 does not fit the built-in tiny model (sizes must be multiples of 16); "
+            "nearest: 512 or 528"
+        ), command
+
+
+def test_a_typo_gets_the_subcommands_usage_and_a_suggestion() -> None:
+    """As typed in a terminal: `stream run ... --promt 'a cat'`, `stream serv`."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream",
+            "run",
+            "--source",
+            "synthetic",
+            "--sink",
+            "o.mp4",
+            "--promt",
+            "a cat",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("usage: stream run "), proc.stderr  # the subcommand's usage, not stream's
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "stream run: error: unrecognized arguments: --promt a cat; did you mean --prompt?"
+    )
+    for argv, words in [
+        (["serv"], "invalid choice: 'serv'"),
+        (["serve", "--adaptive", "of"], "did you mean off?"),
+        (["bench", "--frame", "3", "--motoin", "pan"], "did you mean --motion?"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "stream", *argv], capture_output=True, text=True, timeout=120
+        )
+        last = proc.stderr.strip().splitlines()[-1]
+        assert proc.returncode == 2 and words in last, (argv, proc.stderr)
+    assert last.endswith("did you mean --motion?") and "--frame" not in last.split(";")[0].split(": ")[-1]
+
+
+def test_help_shows_every_default() -> None:
+    import argparse
+
+    from stream.cli import build_parser
+
+    parser = build_parser()
+    for name, command in parser.commands.items():  # type: ignore[attr-defined]
+        formatter = command.formatter_class(prog=name)
+        for action in command._actions:
+            if action.required or isinstance(action, (argparse._HelpAction, argparse._StoreTrueAction)):
+                continue
+            text = formatter._get_help_string(action) or ""
+            assert "default" in text, f"stream {name} {action.option_strings}: {text!r}"
+    proc = console("serve", "--help")
+    out, _ = proc.communicate(timeout=60)
+    text = " ".join(out.split())
+    for words in (
+        "(default: 8080)",
+        "(default: 127.0.0.1)",
+        "(default: 4)",
+        "(default: 24.0)",
+        "(default: auto)",
+        "16 for the built-in tiny model",
+        "on a CPU, the largest offered size that holds --target-fps",
+    ):
+        assert words in text, words

@@ -215,3 +215,18 @@ def test_percentile_and_stage_order() -> None:
     assert percentile([1, 2, 3, 4], 50) == 2.5 and percentile([5.0], 99) == 5.0
     names: Any = ["unet_10", "decode", "unet_2", "total", "extra", "unet_1"]
     assert stage_names(names) == ["total", "decode", "unet_1", "unet_2", "unet_10", "extra"]
+
+
+def test_stages_that_stop_running_leave_the_latency_table() -> None:
+    """Steps 4 -> 1: unet_2..4 stop being timed and soon stop being shown (no stale numbers)."""
+    monitor = LatencyMonitor(24)
+    four = {"total": 40.0, "denoise": 30.0, **{f"unet_{i}": 7.0 for i in range(1, 5)}}
+    for _ in range(10):
+        monitor.frame_out(four)
+    assert "unet_4" in monitor.latency()
+    one = {"total": 12.0, "denoise": 7.0, "unet_1": 7.0}
+    for _ in range(LatencyMonitor.STALE_FRAMES):
+        monitor.frame_out(one)
+    assert "unet_4" in monitor.latency()  # still within its last STALE_FRAMES frames
+    monitor.frame_out(one)
+    assert set(monitor.latency()) == {"total", "denoise", "unet_1"}

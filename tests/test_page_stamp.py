@@ -152,7 +152,7 @@ def test_overlay_shows_budget_and_adaptive(page: Any) -> None:
     shown = page.evaluate(text, "adaptive")
     assert "3 steps" in shown and "256x256" in shown and "p95 52.1 ms over the 41.7 ms budget" in shown
     rows = page.evaluate(
-        "() => [...document.querySelectorAll('#stats table.detail tr')].map(r => r.cells[0].innerText)"
+        "() => [...document.querySelectorAll('#stats-detail table.detail tr')].map(r => r.cells[0].innerText)"
     )
     assert rows.index("denoise") < rows.index("unet_1") < rows.index("unet_2") < rows.index("handoff")
 
@@ -161,7 +161,9 @@ def test_overlay_shows_budget_and_adaptive(page: Any) -> None:
     )
     assert page.evaluate(text, "budget") == "budget 41.7 ms: over"
     assert page.evaluate(text, "adaptive") == "adaptive off"
-    assert "unet_1" not in page.evaluate("() => document.querySelector('#stats table.detail').innerText")
+    assert "unet_1" not in page.evaluate(
+        "() => document.querySelector('#stats-detail table.detail').innerText"
+    )
 
     page.evaluate(render, {"type": "telemetry", "fps_in": 24})  # an older server: no budget, no adaptive
     assert page.evaluate(text, "budget") is None and page.evaluate(text, "adaptive") is None

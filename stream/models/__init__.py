@@ -66,7 +66,7 @@ def load_model(config: StreamConfig) -> Components:
     components = load_components(config.model, device, dtype)
     components.vae = load_vae(config.vae, components, device, dtype)
     logger.info("loaded %s on %s (%s)", components.name, device, str(dtype).removeprefix("torch."))
-    if components.placeholder:
+    if components.placeholder and config.model != "auto":  # `auto` said so already, with the reason
         logger.warning("running the %s", PLACEHOLDER_NOTE)
     return components
 

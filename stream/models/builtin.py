@@ -16,6 +16,9 @@ from stream.models.base import RANDOM_ARCHS, TINY_MODEL_VERSION, Components, Mod
 
 logger = logging.getLogger(__name__)
 
+TINY_VAE_LEVELS = 5  # the tiny autoencoder's blocks: it downsamples by 2 ** (5 - 1) = 16
+TINY_SIZE_MULTIPLE = 2 ** (TINY_VAE_LEVELS - 1)  # so the tiny model's width and height are multiples of 16
+
 
 def cache_dir() -> Path:
     """Where generated models live: $STREAM_CACHE, else ~/.cache/stream."""
@@ -68,8 +71,8 @@ def build_tiny_pipeline() -> Any:
             in_channels=3,
             out_channels=3,
             latent_channels=4,
-            encoder_block_out_channels=(4,) * 5,
-            decoder_block_out_channels=(4,) * 5,
+            encoder_block_out_channels=(4,) * TINY_VAE_LEVELS,
+            decoder_block_out_channels=(4,) * TINY_VAE_LEVELS,
             num_encoder_blocks=(0, 0, 0, 0, 1),
             num_decoder_blocks=(1, 0, 0, 0, 0),
         )

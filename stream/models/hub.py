@@ -11,7 +11,6 @@ import torch
 
 from stream.models.base import (
     DEFAULT_MODEL,
-    PLACEHOLDER_NOTE,
     SINGLE_FILE_SUFFIXES,
     TAESD_MODEL,
     Components,
@@ -25,23 +24,62 @@ logger = logging.getLogger(__name__)
 
 
 def load_auto(dtype: torch.dtype) -> Components:
-    reason: Exception | None = None
+    reason: BaseException | None = None
     for local_only in (True, False):
         if not local_only and os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
             break
         try:
             return load_pipeline(DEFAULT_MODEL, dtype, name=DEFAULT_MODEL, local_files_only=local_only)
         except ModelError as exc:
-            reason = exc
+            reason = exc.__cause__ or exc
+    why = why_not_loaded(DEFAULT_MODEL, reason) if reason is not None else "is not available"
     logger.warning(
-        "model auto: %s is not cached and could not be downloaded (%s); falling back to the %s",
+        "model auto: %s %s; running the built-in tiny model instead (random weights: the output is not a "
+        "picture of anything). For real output: connect to the network once to download it, set HF_HOME to "
+        "a cache that has it, or pass --model with a local folder",
         DEFAULT_MODEL,
-        reason,
-        PLACEHOLDER_NOTE,
+        why,
     )
     return load_pipeline(
         str(ensure_tiny_model()), dtype, name="tiny (built-in, auto fallback)", placeholder=True
     )
+
+
+def why_not_loaded(source: str, exc: BaseException) -> str:
+    """Why `source` did not load, in a few words (what follows the model's name in a sentence)."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+
+    chain = _causes(exc)
+    text = " ".join(str(e) for e in chain)
+    if any(isinstance(e, GatedRepoError) for e in chain):
+        return "is gated: accept its license on huggingface.co, then log in with `hf auth login`"
+    if any(isinstance(e, RepositoryNotFoundError) for e in chain) or "not a valid model identifier" in text:
+        return "is not a model on huggingface.co (check the id; a private one needs `hf auth login`)"
+    if any(isinstance(e, HFValidationError) for e in chain):
+        return "is not a hub id (owner/name), nor an existing folder or file"
+    if "model_index.json" in text:
+        return "is not a diffusers pipeline (it has no model_index.json)"
+    offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    unreachable = (
+        offline
+        or any(isinstance(e, (ConnectionError, TimeoutError)) for e in chain)
+        or any(type(e).__name__ in ("ConnectError", "ConnectTimeout", "gaierror") for e in chain)
+    )
+    if unreachable or "outgoing traffic has been disabled" in text or "not fully cached" in text:
+        where = "HF_HUB_OFFLINE is set" if offline else "huggingface.co could not be reached"
+        return f"is not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and {where}"
+    return f"could not be loaded: {first_line(exc)}"
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    """`exc` and what caused it, outermost first."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain and len(chain) < 10:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
 
 
 def load_pipeline(
@@ -60,8 +98,10 @@ def load_pipeline(
         )
     except Exception as exc:  # diffusers raises OSError, ValueError, HTTP errors... all mean "cannot load"
         raise ModelError(
-            f"could not load model '{source}': {first_line(exc)}. Check the hub id or path; "
-            "without network only cached models load (try --model tiny)"
+            f"could not load model '{source}': it {why_not_loaded(source, exc)}. Give a hub id that is "
+            "cached or downloadable, a local diffusers folder or .safetensors file, set HF_HOME to a cache "
+            "that has it, "
+            "or try everything with --model tiny"
         ) from exc
     return _from_pipeline(pipe, name, placeholder)
 

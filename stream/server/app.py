@@ -44,6 +44,7 @@ from stream.server.session import (
 )
 from stream.server.signaling import MAX_BODY, error
 from stream.server.worker import ModelWorker
+from stream.sizes import allowed_sizes, components_multiple, native_side
 
 logger = logging.getLogger(__name__)
 
@@ -72,9 +73,14 @@ class StreamServer:
         max_viewers: int = 16,
         virtualcam: FrameSink | None = None,
         batching: bool = True,
+        sizes: list[tuple[int, int]] | None = None,
     ) -> None:
         self.config = config
         self.batching = batching  # sessions of one size share one batch per round (False: one at a time)
+        # the sizes a session may pick (the page's size menu); the server's own size is one of them
+        self.sizes = sorted(
+            {*(sizes or []), (config.width, config.height)}, key=lambda wh: (wh[0] * wh[1], wh)
+        )
         self.max_viewers = max_viewers
         self.virtualcam = virtualcam  # gets the output of the newest session (`published`)
         self.published: Session | None = None
@@ -105,6 +111,9 @@ class StreamServer:
     @classmethod
     def for_components(cls, config: StreamConfig, components: Components, **options: Any) -> StreamServer:
         """A server whose sessions each get a StreamDenoiser over the one loaded set of `components`."""
+        if "sizes" not in options:
+            multiple, native = components_multiple(components), native_side(components)
+            options["sizes"] = allowed_sizes(multiple, native, (config.width, config.height))
         return cls(
             config,
             lambda session_config: StreamDenoiser(components, session_config),
@@ -197,6 +206,9 @@ class StreamServer:
             given = request.headers.get("Authorization", "")
             expected = f"Bearer {self.token}".encode()
             if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+                logger.info(
+                    "refused %s %s: %s token", request.method, request.path, "wrong" if given else "no"
+                )
                 return error(
                     401,
                     "missing or wrong token: send the header 'Authorization: Bearer <token>'",
@@ -229,9 +241,8 @@ class StreamServer:
                     {"urls": s.urls, "username": s.username, "credential": s.credential}
                     for s in self.ice_servers
                 ],
-                "settings": {
-                    name: getattr(self.config, name) for name in (*LIVE_SETTINGS, "width", "height")
-                },
+                "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
+                "sizes": [[w, h] for w, h in self.sizes],
             },
             status=200 if problem is None else 503,
         )
@@ -356,9 +367,10 @@ class StreamServer:
             if not isinstance(data, dict) or data.get("type") != "settings":
                 raise ConfigError('control messages are JSON {"type": "settings", ...} of at most 64 KiB')
             changes = {k: v for k, v in data.items() if k != "type"}
-            session.config = apply_settings(session.config, changes)
+            session.config = apply_settings(session.config, changes, self.sizes)
             reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
         except ConfigError as exc:
+            logger.info("session %s: change refused: %s", session.id, exc)
             reply = {"type": "error", "message": str(exc)}
         if channel is not None and channel.readyState == "open":
             channel.send(json.dumps(reply))
@@ -367,7 +379,13 @@ class StreamServer:
         if session.closed:
             return
         session.closed = True
-        logger.info("session %s closed: %s", session.id, reason)
+        logger.info(
+            "session %s left after %.0f s and %d frames: %s",
+            session.id,
+            time.monotonic() - session.created,
+            session.monitor.out.count,
+            reason,
+        )
         self.sessions.pop(session.id, None)
         if self.published is session:  # the virtual camera and `POST /whep` move to the newest one left
             self.published = max(self.sessions.values(), key=lambda s: s.created, default=None)

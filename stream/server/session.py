@@ -143,6 +143,9 @@ class Session:
         newer settings since (those get their own try), and tell the page."""
         if self.requested[1] == version:
             self.config = accepted
+            logger.info("session %s: settings refused by the model and rolled back: %s", self.id, message)
+        else:
+            logger.info("session %s: settings refused by the model: %s", self.id, message)
         self.report(message)
 
     def report(self, message: str) -> None:
@@ -200,8 +203,11 @@ class ProcessedTrack(MediaStreamTrack):
         return frame
 
 
-def apply_settings(config: StreamConfig, changes: object) -> StreamConfig:
-    """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig."""
+def apply_settings(
+    config: StreamConfig, changes: object, sizes: list[tuple[int, int]] | None = None
+) -> StreamConfig:
+    """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig; a new size must be one
+    of `sizes` (when given: the sizes the server offers for its model)."""
     if not isinstance(changes, dict):
         raise ConfigError("settings must be a JSON object")
     unknown = sorted(set(changes) - set(LIVE_SETTINGS))
@@ -211,4 +217,14 @@ def apply_settings(config: StreamConfig, changes: object) -> StreamConfig:
         )
     if not changes:
         return config
-    return config.replace(**changes)
+    new = config.replace(**changes)
+    if (
+        sizes
+        and (new.width, new.height) != (config.width, config.height)
+        and (new.width, new.height) not in sizes
+    ):
+        offered = ", ".join(f"{w}x{h}" for w, h in sizes)
+        raise ConfigError(
+            f"size {new.width}x{new.height} is not offered for this model; pick one of {offered}"
+        )
+    return new

@@ -75,7 +75,7 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
     if problem:
         return error(400, problem)
     try:
-        config = apply_settings(server.config, body.get("settings") or {})
+        config = apply_settings(server.config, body.get("settings") or {}, server.sizes)
     except ConfigError as exc:
         return error(400, f"bad settings: {exc}")
     started = await start_session(server, body["sdp"], config, stamp=stamped)
@@ -93,6 +93,7 @@ async def start_session(
     if problem is not None:
         return error(503, f"the server cannot take sessions now: {problem}", cors=True)
     if len(server.sessions) >= server.max_sessions:
+        logger.info("%s session refused: all %d places are taken", kind, server.max_sessions)
         return error(503, f"the server is full: {server.max_sessions} sessions at once; try again later")
     pc = RTCPeerConnection(RTCConfiguration(iceServers=server.ice_servers))
     session = Session(
@@ -120,8 +121,24 @@ async def start_session(
     assert server.worker is not None
     server.worker.add(session)
     server.published = session
-    logger.info("%s session %s started (%d/%d)", kind, session.id, len(server.sessions), server.max_sessions)
+    logger.info(
+        "%s session %s joined (%d of %d places): %s",
+        kind,
+        session.id,
+        len(server.sessions),
+        server.max_sessions,
+        describe(config),
+    )
     return session
+
+
+def describe(config: StreamConfig) -> str:
+    """A session's settings in one line, for the server's log."""
+    prompt = config.prompt if len(config.prompt) <= 60 else config.prompt[:57] + "..."
+    return (
+        f"{config.width}x{config.height}, {config.steps} steps, strength {config.strength:g}, "
+        f"guidance {config.guidance_scale:g}, seed {config.seed}, prompt {prompt!r}"
+    )
 
 
 # ------------------------------------------------------------------ WHIP, WHEP, /view

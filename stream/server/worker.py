@@ -232,13 +232,8 @@ class ModelWorker:
             change = session.adaptive.observe(round_ms)
             if change is not None:
                 session.publish_adaptive()
-                logger.info(
-                    "session %s: adaptive %s -> %s: %s",
-                    session.id,
-                    change["from"],
-                    change["to"],
-                    change["reason"],
-                )
+                before, after = (_level(change[k]) for k in ("from", "to"))
+                logger.info("session %s: adaptive %s -> %s: %s", session.id, before, after, change["reason"])
         if self.on_output is not None:
             try:
                 self.on_output(session, out)
@@ -263,3 +258,7 @@ class ModelWorker:
     def _call(self, callback: Callable[..., Any], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown)
             self.loop.call_soon_threadsafe(callback, *args)
+
+
+def _level(level: dict[str, int]) -> str:
+    return f"{level['steps']} step{'s' if level['steps'] != 1 else ''} at {level['width']}x{level['height']}"

@@ -1,0 +1,195 @@
+"""The command line's shared pieces: the model and stream options, the budget options, the parser
+(with "did you mean" for typos and every default in --help), checking the settings, and logging."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from stream.config import (
+    ATTENTION_BACKENDS,
+    DTYPES,
+    NOISE_MODES,
+    SCHEDULERS,
+    TIMESTEP_RULES,
+    ConfigError,
+    StreamConfig,
+)
+from stream.sizes import SD_MULTIPLE, check_sides, known_multiple
+
+# (flag, StreamConfig field, type, help); defaults come from StreamConfig itself.
+CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
+    (
+        "--model",
+        "model",
+        str,
+        "hub id, local diffusers folder, single-file checkpoint, `tiny` (built-in, random "
+        "weights, runs on a CPU), `random:sd-turbo` / `random:sd15` (full size, random weights, "
+        "for speed), or "
+        "`auto` (stabilityai/sd-turbo when cached or downloadable, else tiny with a warning)",
+    ),
+    (
+        "--vae",
+        "vae",
+        str,
+        "`auto` (the model's own), `tiny` (TAESD-shaped AutoencoderTiny), or a path / hub id",
+    ),
+    ("--prompt", "prompt", str, "text prompt"),
+    ("--negative-prompt", "negative_prompt", str, "negative prompt (used when --guidance > 1)"),
+    (
+        "--width",
+        "width",
+        int,
+        "model width in pixels: a multiple of what the model's autoencoder downsamples by (8 for SD "
+        "models, 16 for the built-in tiny model); frames are letterboxed into it",
+    ),
+    ("--height", "height", int, "model height in pixels, the same rule as --width"),
+    ("--steps", "steps", int, "denoising steps per frame, 1-5"),
+    ("--strength", "strength", float, "img2img strength in (0, 1]: higher changes the frame more"),
+    ("--guidance", "guidance_scale", float, "classifier-free guidance scale; CFG runs when > 1"),
+    ("--scheduler", "scheduler", str, f"one of {', '.join(SCHEDULERS)}"),
+    (
+        "--timesteps",
+        "timesteps",
+        str,
+        f"one of {', '.join(TIMESTEP_RULES)}: `streaming` starts each frame at a timestep that follows "
+        "--strength continuously; `diffusers` uses the img2img pipeline's grid (LCM keeps its own)",
+    ),
+    ("--seed", "seed", int, "noise seed"),
+    ("--latent-feedback", "latent_feedback", float, "share of the previous output latent blended in, [0, 1)"),
+    ("--noise", "noise", str, f"one of {', '.join(NOISE_MODES)}: fixed noise keeps a still scene still"),
+    (
+        "--similarity-threshold",
+        "similarity_threshold",
+        float,
+        "skip the model and repeat the last output when the input is at least this similar, [0, 1); 0 = off",
+    ),
+    ("--max-skip", "max_skip", int, "at most this many frames in a row are skipped by the similarity filter"),
+    ("--device", "device", str, "auto, cpu, cuda, cuda:N or mps"),
+    ("--dtype", "dtype", str, f"one of {', '.join(DTYPES)} (auto: float16 on CUDA, float32 elsewhere)"),
+    ("--attention", "attention", str, f"one of {', '.join(ATTENTION_BACKENDS)}"),
+]
+
+
+class UsageError(Exception):
+    """A bad argument or input: printed as one line, exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, plus: a mistyped option or command gets the subcommand's own usage and a "did you mean"."""
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        parsed, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(self, "commands", {}).get(getattr(parsed, "command", None), self)
+            command.error(unrecognized(extras, command))
+        return parsed
+
+    def error(self, message: str) -> NoReturn:
+        choice = re.search(r"invalid choice: '([^']*)' \(choose from (.*)\)", message)
+        if choice:
+            options = re.findall(r"'?([^', ]+)'?", choice.group(2))
+            message += did_you_mean(choice.group(1), options)
+        super().error(message)
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless it already says it in words (or is a switch)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (
+            "default" in text
+            or isinstance(action.default, bool)
+            or action.default in (None, argparse.SUPPRESS)
+        ):
+            return text
+        if action.default == "":
+            return f"{text} (default: empty)"
+        return super()._get_help_string(action) or text
+
+
+def unrecognized(extras: list[str], parser: argparse.ArgumentParser) -> str:
+    flags = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    hints = [did_you_mean(x.split("=")[0], flags) for x in extras if x.startswith("-")]
+    return f"unrecognized arguments: {' '.join(extras)}" + "".join(dict.fromkeys(h for h in hints if h))
+
+
+def did_you_mean(word: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, size_default: str | None = None) -> None:
+    """The model and stream settings. `size_default`: the words for --width/--height's default when it
+    is not StreamConfig's (they are then None unless given)."""
+    defaults = StreamConfig()
+    group = parser.add_argument_group("model and stream settings")
+    for flag, field, kind, text in CONFIG_FLAGS:
+        default = getattr(defaults, field)
+        if size_default and field in ("width", "height"):
+            text, default = f"{text} (default: {size_default})", None
+        group.add_argument(
+            flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=text
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> StreamConfig:
+    """The settings, validated; a size the model cannot take is refused here, before any loading, when
+    the model says its size rule up front (else after loading)."""
+    names = {f.name for f in dataclasses.fields(StreamConfig)}
+    values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    sides = {
+        "width": values.get("width", StreamConfig.width),
+        "height": values.get("height", StreamConfig.height),
+    }
+    known = known_multiple(values.get("model", StreamConfig.model), values.get("vae", StreamConfig.vae))
+    try:
+        check_sides(sides, *(known or (SD_MULTIPLE, "Stable Diffusion models")))
+        return StreamConfig(**values)
+    except ConfigError as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def configure_logging(command: str, verbose: bool) -> None:
+    """Warnings and errors; everything with -v. The server's terminal also shows, at INFO, sessions
+    joining and leaving, adaptive changes and refusals."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        if command == "serve"
+        else "%(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    if command == "serve" and not verbose:
+        logging.getLogger("stream.server").setLevel(logging.INFO)
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser, adaptive_default: str) -> None:
+    group = parser.add_argument_group("latency budget")
+    group.add_argument(
+        "--target-fps",
+        type=float,
+        default=24.0,
+        help="frame rate to keep; the budget per frame is 1000/target-fps ms",
+    )
+    choices = ["on", "off"] if adaptive_default == "on" else ["auto", "on", "off"]
+    group.add_argument(
+        "--adaptive",
+        choices=choices,
+        default=adaptive_default,
+        help="when p95 frame time stays over the budget, use fewer steps (down to 1), then a smaller "
+        "model size; step back up when it stays under 70%% of the budget"
+        + ("; auto: on for a webcam, off for files and synthetic" if adaptive_default == "auto" else ""),
+    )
+
+
+def check_budget_arguments(args: argparse.Namespace) -> None:
+    if not (math.isfinite(args.target_fps) and 0 < args.target_fps <= 240):
+        raise UsageError(f"--target-fps must be in (0, 240], got {args.target_fps}")

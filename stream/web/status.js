@@ -1,0 +1,45 @@
+// The status line under the videos, the connection pill, and the words of errors: what happened and
+// what to do.
+
+const $ = (id) => document.getElementById(id);
+
+export function setStatus(message, kind = "info") {
+  const el = $("status");
+  el.textContent = message;
+  el.dataset.kind = kind;
+}
+
+export function setConnection(label) {
+  const el = $("connection");
+  el.textContent = label;
+  el.dataset.state = label;
+}
+
+export function errorMessage(err) {
+  const byName = {
+    NotAllowedError: "Camera permission was denied: allow the camera for this page and press Start again.",
+    NotFoundError: "No camera was found.",
+    NotReadableError: "The camera is busy (used by another application?).",
+    OverconstrainedError: "The selected camera is not available: pick another one.",
+  };
+  if (err instanceof TypeError && /fetch|network/i.test(err.message)) {
+    return "The server cannot be reached: is `stream serve` still running? Start it, then press Start again.";
+  }
+  return byName[err?.name] || err?.message || String(err);
+}
+
+// What a refused offer means for the user, and what to do. `token`: whether the page sent one.
+export function offerError(status, data, token, maxSessions) {
+  const reason = data?.error || "";
+  if (status === 401) {
+    return token
+      ? "The access token was not accepted: check it (add ?token=... to the address, or paste it in Controls), then press Start."
+      : "This server needs an access token: add ?token=... to the address (or paste it in Controls), then press Start.";
+  }
+  if (status === 503) {
+    const places = data?.max_sessions || maxSessions;
+    return `All ${places || "the"} places are taken; try again in a moment.`;
+  }
+  if (status === 400 && reason.startsWith("bad settings")) return `The server refused the settings: ${reason.replace(/^bad settings: /, "")}.`;
+  return `The server could not start a session: ${reason || "no reason given"} (HTTP ${status}).`;
+}
