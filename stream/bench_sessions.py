@@ -15,10 +15,11 @@ import sys
 import time
 from typing import Any, TextIO
 
+from stream.batch import FrameResult, process_batch
 from stream.bench import BenchError
 from stream.clips import photo_clip
 from stream.config import StreamConfig
-from stream.denoiser import FrameResult, StreamDenoiser, process_batch
+from stream.denoiser import StreamDenoiser
 from stream.engine import Engine
 from stream.models import load_model
 from stream.monitor import percentile

@@ -4,14 +4,13 @@ A frame goes through numbered steps: 1. preprocess (letterbox into the model can
 filter, 2. encode (one VAE call for the batch), 3. prepare the latent (feedback blend, noise to the first
 timestep; per stream), 4. denoise (step i: one UNet call for the rows of every stream still at step i),
 5. decode (one VAE call), 6. postprocess (back to the frame's size, uint8). `process_batch` runs frames of
-several streams that share an engine and a latent shape together; `process` is a batch of one.
+several streams together (stream/batch.py); `process` is a batch of one.
 Synchronous; the caller owns threading.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from stream import schedule, temporal
+from stream.batch import FrameResult, Job, process_batch
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, letterbox_geometry
@@ -40,14 +40,6 @@ _OUTPUT_SETTINGS = (
 
 
 @dataclass
-class FrameResult:
-    frame: np.ndarray  # HxWx3 uint8 RGB, the input's size
-    timings: dict[str, float]  # ms per stage (STAGES), each step's UNet call (unet_1, ...), and "total"
-    skipped: bool = False  # the similarity filter returned the previous output
-    image: torch.Tensor | None = None  # the decoded canvas (1, 3, H, W) in [0, 1], before uint8
-
-
-@dataclass
 class _StreamState:
     """What carries from frame to frame: noise, the last output latent, the similarity reference."""
 
@@ -58,19 +50,6 @@ class _StreamState:
     last_input: torch.Tensor | None = None  # uint8 frame the model last ran on
     last_output: np.ndarray | None = None
     skips: int = 0  # frames skipped in a row
-
-
-@dataclass
-class _Job:
-    """One stream's frame on its way through a batch."""
-
-    denoiser: StreamDenoiser
-    pixels: torch.Tensor
-    image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
-    timer: StageTimer
-    x: torch.Tensor | None = None  # (1, C, h, w) the sample being denoised
-    noise: list[torch.Tensor] = field(default_factory=list)
-    result: torch.Tensor | None = None  # the final latent
 
 
 class StreamDenoiser:
@@ -169,7 +148,7 @@ class StreamDenoiser:
         return (id(self.engine), self.config.height, self.config.width)
 
     # 1. preprocess and the similarity filter
-    def _begin(self, frame: np.ndarray) -> _Job | FrameResult:
+    def _begin(self, frame: np.ndarray) -> Job | FrameResult:
         _check_frame(frame)
         timer = StageTimer(self.device)
         state = self._state
@@ -186,18 +165,16 @@ class StreamDenoiser:
                 assert state.last_output is not None
                 return FrameResult(state.last_output, timer.finish(), skipped=True)
             image = self.preprocess(pixels, state.geometry)
-        return _Job(self, pixels, image, timer)
+        return Job(self, pixels, image, timer)
 
     # 3. the latent: blend with the previous output, noise to the first timestep
-    def _start(self, job: _Job, latent: torch.Tensor) -> None:
+    def _start(self, job: Job, latent: torch.Tensor) -> None:
         state = self._state
         latent = temporal.feedback_blend(latent, state.prev_latent, self.config.latent_feedback)
         job.noise = self._noise(latent, state)
         job.x = schedule.add_noise(latent, job.noise[0], self._schedule.alphas[0])
 
-    def _rows(
-        self, job: _Job, i: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _rows(self, job: Job, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Step i's UNet rows for this stream: (x, t, embeds, timestep_cond), 2 rows with CFG, else 1."""
         assert job.x is not None and self._embeds is not None
         rows = self._embeds.shape[0]
@@ -207,7 +184,7 @@ class StreamDenoiser:
         return x, t, self._embeds, None if cond is None else cond.expand(rows, -1)
 
     # 4. step i from this stream's rows of the UNet output
-    def _step(self, job: _Job, i: int, out: torch.Tensor) -> None:
+    def _step(self, job: Job, i: int, out: torch.Tensor) -> None:
         assert job.x is not None
         sched = self._schedule
         if self._uses_cfg_batch(self.config):
@@ -234,7 +211,7 @@ class StreamDenoiser:
             self._state.prev_latent = job.result
 
     # 6. postprocess
-    def _finish(self, job: _Job, image: torch.Tensor, shared: dict[str, float]) -> FrameResult:
+    def _finish(self, job: Job, image: torch.Tensor, shared: dict[str, float]) -> FrameResult:
         state = self._state
         assert state.geometry is not None
         with job.timer("postprocess"):
@@ -359,73 +336,6 @@ class StreamDenoiser:
         if state.skips >= self.config.max_skip:  # a still scene still gets a fresh frame now and then
             return False
         return temporal.frame_similarity(pixels, state.last_input) >= threshold
-
-
-def process_batch(
-    denoisers: Sequence[StreamDenoiser], frames: Sequence[np.ndarray]
-) -> list[FrameResult | Exception]:
-    """Frames of several streams that share an engine and a latent shape, through the model together.
-
-    One VAE encode, one UNet call per step for the rows of every stream still at that step (streams
-    with fewer steps leave early), one VAE decode. Returns one result per stream, in order: a
-    FrameResult, or the exception that stream's own frame raised (a bad frame costs that stream only).
-    An exception of a batched call propagates: the caller may run the streams one by one.
-    """
-    if len({d.batch_key() for d in denoisers}) > 1:
-        raise ValueError("process_batch takes streams of one engine and one size; group them by batch_key()")
-    results: list[FrameResult | Exception | None] = [None] * len(denoisers)
-    jobs: list[tuple[int, _Job]] = []
-    for index, (denoiser, frame) in enumerate(zip(denoisers, frames, strict=True)):
-        try:
-            begun = denoiser._begin(frame)
-        except Exception as exc:  # a bad frame of one stream
-            results[index] = exc
-            continue
-        if isinstance(begun, FrameResult):
-            results[index] = begun
-        else:
-            jobs.append((index, begun))
-    if jobs:
-        engine = jobs[0][1].denoiser.engine
-        for (index, _), result in zip(jobs, _run(engine, [job for _, job in jobs]), strict=True):
-            results[index] = result
-    return [r for r in results if r is not None]
-
-
-def _run(engine: Engine, jobs: list[_Job]) -> list[FrameResult]:
-    """Steps 2-6 for jobs that share the engine and shape."""
-    timer = StageTimer(engine.device)
-    with torch.inference_mode():
-        # 2. encode: (B, 3, H, W) -> (B, C, H/f, W/f)
-        with timer("encode"):
-            latents = engine.encode(torch.cat([job.image for job in jobs]))
-        # 3-4. denoise: each stream's latent and noise, then step i for every stream still at step i
-        with timer("denoise"):
-            for job, latent in zip(jobs, latents.split(1), strict=True):
-                job.denoiser._start(job, latent)
-            steps = max(len(job.denoiser.timesteps) for job in jobs)
-            for i in range(steps):
-                active = [job for job in jobs if i < len(job.denoiser.timesteps)]
-                rows = [job.denoiser._rows(job, i) for job in active]
-                conds = [r[3] for r in rows]
-                with timer(f"unet_{i + 1}"):
-                    out = engine.run_unet(
-                        torch.cat([r[0] for r in rows]),
-                        torch.cat([r[1] for r in rows]),
-                        torch.cat([r[2] for r in rows]),
-                        None if conds[0] is None else torch.cat([c for c in conds if c is not None]),
-                    )
-                for job, part in zip(active, out.split([r[0].shape[0] for r in rows]), strict=True):
-                    job.denoiser._step(job, i, part)
-        # 5. decode: (B, C, h, w) -> (B, 3, H, W) in [0, 1]
-        with timer("decode"):
-            images = engine.decode(torch.cat([job.result for job in jobs if job.result is not None]))
-        shared = timer.finish()
-        del shared["total"]
-        # 6. postprocess, per stream
-        return [
-            job.denoiser._finish(job, image, shared) for job, image in zip(jobs, images.split(1), strict=True)
-        ]
 
 
 def _check_frame(frame: object) -> None:

@@ -12,8 +12,9 @@ from diffusers import UNet2DConditionModel
 
 from stream import devices, schedule
 from stream.adaptive import build_ladder
+from stream.batch import FrameResult, process_batch
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import FrameResult, StreamDenoiser, process_batch
+from stream.denoiser import StreamDenoiser
 from stream.engine import Engine
 from stream.models import Components, build_tiny_pipeline, load_model
 from tests.conftest import pan_clip, photo

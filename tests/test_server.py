@@ -22,8 +22,9 @@ from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
 from aiortc.mediastreams import AudioStreamTrack, MediaStreamError
 
 from stream import stamp
+from stream.batch import FrameResult
 from stream.config import StreamConfig
-from stream.denoiser import FrameResult, StreamDenoiser
+from stream.denoiser import StreamDenoiser
 from stream.models import load_model
 from stream.server import StreamServer
 from tests.conftest import pan_clip

@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import functools
 import importlib.resources
-import json
 import logging
 import secrets
 import threading
@@ -16,33 +15,29 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import av
 import numpy as np
 from aiohttp import web
 from aiortc import (
     MediaStreamTrack,
-    RTCDataChannel,
 )
-from aiortc.mediastreams import MediaStreamError
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram, generate_latest
 
-from stream.config import LIVE_SETTINGS, ConfigError, StreamConfig
+from stream.config import LIVE_SETTINGS, StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.media import FrameSink, SinkError
 from stream.models import Components
 from stream.monitor import LatencyMonitor
 from stream.server import signaling
 from stream.server.metrics import Metrics
-from stream.server.rtc import discard, low_latency_receiver, parse_ice_server
+from stream.server.rtc import parse_ice_server
 from stream.server.session import (
-    TELEMETRY_INTERVAL,
+    MAX_BODY,
     DenoiserFactory,
     ProcessedTrack,
     Session,
     Viewer,
-    apply_settings,
 )
-from stream.server.signaling import MAX_BODY, error
+from stream.server.signaling import error
 from stream.server.worker import ModelWorker
 from stream.sizes import allowed_sizes, components_multiple, native_side
 
@@ -307,74 +302,6 @@ class StreamServer:
             await viewer.pc.close()
 
     # ------------------------------------------------------------------ sessions
-    def _wire(self, session: Session) -> None:
-        pc = session.pc
-
-        @pc.on("track")
-        def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "video":
-                low_latency_receiver(pc, track)
-                if session.kind == "browser":  # the page shows the output; a WHIP encoder only sends
-                    pc.addTrack(self.output_track(session))
-                session.tasks.append(asyncio.create_task(self._drain_video(session, track)))
-            else:  # audio (OBS sends it): consumed and discarded, or it would pile up
-                session.tasks.append(asyncio.create_task(discard(track)))
-
-        @pc.on("datachannel")
-        def on_datachannel(channel: RTCDataChannel) -> None:
-            if channel.label == "control":
-                session.control = channel
-                channel.on("message", lambda message: self.on_control(session, message))
-            elif channel.label == "telemetry":
-                session.telemetry = channel
-                session.tasks.append(asyncio.create_task(self._telemetry(session, channel)))
-
-        @pc.on("connectionstatechange")
-        async def on_state() -> None:
-            logger.info("session %s: connection %s", session.id, pc.connectionState)
-            if pc.connectionState in ("failed", "closed"):
-                await self.close_session(session, f"connection {pc.connectionState}")
-
-    async def _drain_video(self, session: Session, track: MediaStreamTrack) -> None:
-        """Incoming frames into the latest-only slot; the worker takes the newest."""
-        try:
-            while not session.closed:
-                frame = await track.recv()
-                if not isinstance(frame, av.VideoFrame):
-                    continue
-                session.last_input = time.monotonic()
-                session.monitor.frame_in()
-                session.inputs.put((frame, session.last_input))
-                if self.worker:
-                    self.worker.notify()
-        except MediaStreamError:
-            pass
-
-    async def _telemetry(self, session: Session, channel: RTCDataChannel) -> None:
-        while not session.closed:
-            await asyncio.sleep(TELEMETRY_INTERVAL)
-            if channel.readyState == "open":
-                channel.send(json.dumps({"type": "telemetry", **session.snapshot()}))
-
-    def on_control(self, session: Session, message: object) -> None:
-        """A settings change from the page: validated here, applied by the worker from the next frame."""
-        channel = session.control
-        try:
-            data = json.loads(message) if isinstance(message, str) and len(message) <= MAX_BODY else None
-        except (ValueError, RecursionError):  # not JSON, too deep, numbers too long
-            data = None
-        try:
-            if not isinstance(data, dict) or data.get("type") != "settings":
-                raise ConfigError('control messages are JSON {"type": "settings", ...} of at most 64 KiB')
-            changes = {k: v for k, v in data.items() if k != "type"}
-            session.config = apply_settings(session.config, changes, self.sizes)
-            reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
-        except ConfigError as exc:
-            logger.info("session %s: change refused: %s", session.id, exc)
-            reply = {"type": "error", "message": str(exc)}
-        if channel is not None and channel.readyState == "open":
-            channel.send(json.dumps(reply))
-
     async def close_session(self, session: Session, reason: str) -> None:
         if session.closed:
             return

@@ -22,8 +22,8 @@ from aiortc.contrib.media import MediaRelay
 from aiortc.mediastreams import MediaStreamError
 
 from stream.adaptive import AdaptiveController, build_ladder
+from stream.batch import FrameResult
 from stream.config import LIVE_SETTINGS, ConfigError, StreamConfig
-from stream.denoiser import FrameResult
 from stream.media import LatestFrameSlot
 from stream.monitor import LatencyMonitor
 from stream.server.rtc import to_video
@@ -31,6 +31,7 @@ from stream.server.rtc import to_video
 logger = logging.getLogger(__name__)
 
 TELEMETRY_INTERVAL = 0.33  # seconds: about 3 messages a second
+MAX_BODY = 64 * 1024  # bytes: the largest request body or data-channel message
 MAX_PTS_JUMP = 3  # seconds: a larger jump of the input's timestamps is a restarted clock, not time
 
 

@@ -16,6 +16,7 @@ from aiortc import (
 )
 
 from stream.config import ConfigError, StreamConfig
+from stream.server import peer
 from stream.server.rtc import check_offer
 from stream.server.session import Session, Viewer, apply_settings
 
@@ -25,7 +26,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SDP = "application/sdp"
-MAX_BODY = 64 * 1024  # bytes: the largest request body or data-channel message
 # WHIP/WHEP answers are read by OBS and by pages on other origins.
 CORS = {
     "Access-Control-Allow-Origin": "*",
@@ -107,7 +107,7 @@ async def start_session(
     )
     server.sessions_started += 1
     server.sessions[session.id] = session  # holds its place while negotiating (closing frees it)
-    server._wire(session)
+    peer.wire(server, session)
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         answer = await pc.createAnswer()

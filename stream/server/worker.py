@@ -25,8 +25,8 @@ import av
 import numpy as np
 
 from stream import stamp
+from stream.batch import FrameResult, process_batch
 from stream.config import ConfigError, StreamConfig
-from stream.denoiser import FrameResult, process_batch
 from stream.devices import release_device_memory
 from stream.models.base import first_line
 from stream.server.rtc import to_video

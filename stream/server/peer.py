@@ -1,0 +1,96 @@
+"""A session's peer connection: its video into the model worker's slot, its `control` and `telemetry`
+data channels, and its end when the connection fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import av
+from aiortc import MediaStreamTrack, RTCDataChannel
+from aiortc.mediastreams import MediaStreamError
+
+from stream.config import ConfigError
+from stream.server.rtc import discard, low_latency_receiver
+from stream.server.session import MAX_BODY, TELEMETRY_INTERVAL, Session, apply_settings
+
+if TYPE_CHECKING:
+    from stream.server.app import StreamServer
+
+logger = logging.getLogger(__name__)
+
+
+def wire(server: StreamServer, session: Session) -> None:
+    """The session's peer connection: its video into the worker, its data channels, its end."""
+    pc = session.pc
+
+    @pc.on("track")
+    def on_track(track: MediaStreamTrack) -> None:
+        if track.kind == "video":
+            low_latency_receiver(pc, track)
+            if session.kind == "browser":  # the page shows the output; a WHIP encoder only sends
+                pc.addTrack(server.output_track(session))
+            session.tasks.append(asyncio.create_task(drain_video(server, session, track)))
+        else:  # audio (OBS sends it): consumed and discarded, or it would pile up
+            session.tasks.append(asyncio.create_task(discard(track)))
+
+    @pc.on("datachannel")
+    def on_datachannel(channel: RTCDataChannel) -> None:
+        if channel.label == "control":
+            session.control = channel
+            channel.on("message", lambda message: on_control(server, session, message))
+        elif channel.label == "telemetry":
+            session.telemetry = channel
+            session.tasks.append(asyncio.create_task(telemetry(session, channel)))
+
+    @pc.on("connectionstatechange")
+    async def on_state() -> None:
+        logger.info("session %s: connection %s", session.id, pc.connectionState)
+        if pc.connectionState in ("failed", "closed"):
+            await server.close_session(session, f"connection {pc.connectionState}")
+
+
+async def drain_video(server: StreamServer, session: Session, track: MediaStreamTrack) -> None:
+    """Incoming frames into the latest-only slot; the worker takes the newest."""
+    try:
+        while not session.closed:
+            frame = await track.recv()
+            if not isinstance(frame, av.VideoFrame):
+                continue
+            session.last_input = time.monotonic()
+            session.monitor.frame_in()
+            session.inputs.put((frame, session.last_input))
+            if server.worker:
+                server.worker.notify()
+    except MediaStreamError:
+        pass
+
+
+async def telemetry(session: Session, channel: RTCDataChannel) -> None:
+    while not session.closed:
+        await asyncio.sleep(TELEMETRY_INTERVAL)
+        if channel.readyState == "open":
+            channel.send(json.dumps({"type": "telemetry", **session.snapshot()}))
+
+
+def on_control(server: StreamServer, session: Session, message: object) -> None:
+    """A settings change from the page: validated here, applied by the worker from the next frame."""
+    channel = session.control
+    try:
+        data = json.loads(message) if isinstance(message, str) and len(message) <= MAX_BODY else None
+    except (ValueError, RecursionError):  # not JSON, too deep, numbers too long
+        data = None
+    try:
+        if not isinstance(data, dict) or data.get("type") != "settings":
+            raise ConfigError('control messages are JSON {"type": "settings", ...} of at most 64 KiB')
+        changes = {k: v for k, v in data.items() if k != "type"}
+        session.config = apply_settings(session.config, changes, server.sizes)
+        reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
+    except ConfigError as exc:
+        logger.info("session %s: change refused: %s", session.id, exc)
+        reply = {"type": "error", "message": str(exc)}
+    if channel is not None and channel.readyState == "open":
+        channel.send(json.dumps(reply))
