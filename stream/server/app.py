@@ -52,6 +52,9 @@ WEB_DIR = Path(str(importlib.resources.files("stream") / "web"))
 class StreamServer:
     """Sessions, signaling and stats for one loaded model."""
 
+    # The signaling handlers the routes call; the cluster's front (stream/cluster/) routes them to workers.
+    signaling: Any = signaling
+
     def __init__(
         self,
         config: StreamConfig,
@@ -124,17 +127,17 @@ class StreamServer:
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/metrics", self.metrics)
-        app.router.add_post("/offer", functools.partial(signaling.offer, self))
+        app.router.add_post("/offer", functools.partial(self.signaling.offer, self))
         app.router.add_get("/view", self.view)
         # WHIP (RFC 9725) ingest and WHEP playback; no trickle ICE: offers carry all their candidates
-        app.router.add_post("/whip", functools.partial(signaling.whip, self))
-        app.router.add_delete("/whip/{session}", functools.partial(signaling.whip_delete, self))
-        app.router.add_post("/whep", functools.partial(signaling.whep, self))
-        app.router.add_post("/whep/{session}", functools.partial(signaling.whep, self))
-        app.router.add_delete("/whep/{session}/{viewer}", functools.partial(signaling.whep_delete, self))
+        app.router.add_post("/whip", functools.partial(self.signaling.whip, self))
+        app.router.add_delete("/whip/{session}", functools.partial(self.signaling.whip_delete, self))
+        app.router.add_post("/whep", functools.partial(self.signaling.whep, self))
+        app.router.add_post("/whep/{session}", functools.partial(self.signaling.whep, self))
+        app.router.add_delete("/whep/{session}/{viewer}", functools.partial(self.signaling.whep_delete, self))
         for path in ("/whip", "/whip/{session}", "/whep", "/whep/{session}", "/whep/{session}/{viewer}"):
-            app.router.add_route("OPTIONS", path, functools.partial(signaling.preflight, self))
-            app.router.add_route("PATCH", path, functools.partial(signaling.no_trickle, self))
+            app.router.add_route("OPTIONS", path, functools.partial(self.signaling.preflight, self))
+            app.router.add_route("PATCH", path, functools.partial(self.signaling.no_trickle, self))
         if WEB_DIR.is_dir():
             app.router.add_static("/static", WEB_DIR, follow_symlinks=False)
         app.on_startup.append(self._startup)
