@@ -17,9 +17,10 @@ import pytest
 import ray
 from aiortc import RTCPeerConnection, RTCSessionDescription
 
+from stream.cli import main
 from stream.cluster.actor import WorkerSettings
 from stream.cluster.front import ClusterFront
-from stream.cluster.placement import READY
+from stream.cluster.placement import READY, STARTING, WorkerView, pick, why_full
 from stream.cluster.pool import PREFIX, WorkerPool, call, launch
 from stream.config import StreamConfig
 from tests.conftest import pan_clip
@@ -61,9 +62,10 @@ def workers(tiny_model_dir: Any) -> Any:
 
 
 @asynccontextmanager
-async def front_of(workers: Any) -> AsyncIterator[tuple[str, ClusterFront]]:
-    """A front (on this test's event loop) over the running workers, once both report ready and empty."""
-    pool = WorkerPool(SETTINGS, workers=2, gpu=False, poll_interval=0.2, scale_interval=1.0)
+async def front_of(workers: Any, count: int = 2) -> AsyncIterator[tuple[str, ClusterFront]]:
+    """A front (on this test's event loop) over the running workers, once both report ready and empty.
+    `count`: the workers it starts itself (the others it finds by name, as workers started elsewhere)."""
+    pool = WorkerPool(SETTINGS, workers=count, gpu=False, poll_interval=0.2, scale_interval=1.0)
     front = ClusterFront(pool, CONFIG, max_sessions=2)
     async with running(front) as url:
         await until(
@@ -166,7 +168,7 @@ async def whip_session(url: str) -> tuple[RTCPeerConnection, str]:
 
 def test_whip_in_and_whep_out_on_the_second_worker(workers: Any) -> None:
     async def main() -> None:
-        async with front_of(workers) as (url, _):
+        async with front_of(workers, count=1) as (url, _):  # worker 2: found by its name
             browser = Client([INPUT])
             await browser.connect(url)  # takes worker 1: the WHIP session goes to worker 2
             sender, location = await whip_session(url)
@@ -247,3 +249,47 @@ def test_a_killed_worker_ends_its_sessions_and_rejoins_after_ray_restarts_it(wor
                     await client.close()
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize(
+    ("extra", "words"),
+    [
+        (["--cluster", "dask"], "--cluster must be ray, ray:local or ray:ADDRESS"),
+        (["--cluster", "ray:"], "needs an address after the colon"),
+        (["--workers", "2"], "add --cluster ray:local"),
+        (["--cluster", "ray:local", "--workers", "0"], "--workers must be at least 1, got 0"),
+        (["--cluster", "ray:local", "--rtc-ports", "80-90"], "1024 <= LOW <= HIGH"),
+        (["--cluster", "ray:local", "--rtc-ports", "5000-4000"], "--rtc-ports must be LOW-HIGH"),
+        (["--cluster", "ray:local", "--rtc-ports", "a-b"], "must look like 40000-40999"),
+        (["--cluster", "ray:local", "--virtualcam"], "does not work with --cluster"),
+    ],
+)
+def test_cluster_arguments_are_checked_before_starting_anything(
+    extra: list[str], words: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["serve", "--model", "tiny", *extra]) == 2
+    err = capsys.readouterr().err
+    assert words in err and err.count("\n") == 1, err
+
+
+def test_placement_takes_the_least_loaded_ready_worker_and_says_why_when_none() -> None:
+    a = WorkerView("w1", 1, READY, sessions=1, max_sessions=4)
+    b = WorkerView("w2", 2, READY, sessions=1, max_sessions=2)
+    c = WorkerView("w3", 3, STARTING, reason="restarting", max_sessions=4)
+    assert pick([a, b, c]) is a  # 1/4 loaded before 1/2; w3 is not ready
+    a.sessions = 2
+    assert pick([a, b, c]) is a  # equal load: the first
+    b.over_budget = 0
+    a.over_budget = 1
+    assert pick([a, b, c]) is b  # equal load: the one whose sessions hold their budget
+    assert pick([a, b, c], exclude={"w2"}) is a
+    a.sessions, b.sessions = 4, 2
+    assert pick([a, b, c]) is None
+    assert why_full([a, b, c]) == (
+        "the cluster is full: all 6 places on 2 worker(s) are taken (1 more worker(s) not ready); try again later"
+    )
+    a.state = b.state = STARTING
+    assert "no worker is ready yet" in why_full([a, b, c]) and "w3 starting: restarting" in why_full(
+        [a, b, c]
+    )
+    assert "no workers yet" in why_full([])
