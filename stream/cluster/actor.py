@@ -145,10 +145,13 @@ class StreamWorker:
         headers = {"Authorization": f"Bearer {self.secret}"}
         if content_type:
             headers["Content-Type"] = content_type
+        started = time.perf_counter()
         async with self.client.request(method, url, headers=headers, data=body or None) as response:
             data = await response.read()
             kept = {k: response.headers[k] for k in RELAYED if k in response.headers}
-            return response.status, kept, data
+        # the worker's own share of the answer's time (the rest is the front and Ray)
+        kept["Server-Timing"] = f"worker;dur={(time.perf_counter() - started) * 1000.0:.2f}"
+        return response.status, kept, data
 
     async def status(self) -> dict[str, Any]:
         """Sessions, budget state and capacity, for the front's placement (and its /health, /stats)."""

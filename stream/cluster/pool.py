@@ -99,7 +99,10 @@ class WorkerPool:
                     await asyncio.to_thread(self.scale)
                 except Exception as exc:  # the Ray head unreachable for a moment: try again later
                     logger.warning("could not look for workers: %s", first_line(exc))
-            await asyncio.gather(*(self.refresh(name) for name in list(self.handles)))
+            try:
+                await asyncio.gather(*(self.refresh(name) for name in list(self.handles)))
+            except Exception:  # a bug here must not stop the polling: log it, poll again
+                logger.exception("polling the workers failed")
             await asyncio.sleep(self.poll_interval)
 
     def ordered(self) -> list[WorkerView]:

@@ -59,6 +59,8 @@ def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig) -> int:
     from stream.cluster.front import ClusterFront
     from stream.cluster.pool import WorkerPool
 
+    if not args.verbose:  # placements and workers starting, stopping and rejoining
+        logging.getLogger("stream.cluster").setLevel(logging.INFO)
     # 2. take the port, then join (or start) the cluster
     sockets = bind(args.host, args.port)
     try:
