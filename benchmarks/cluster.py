@@ -89,6 +89,12 @@ class Viewer:
             await self.pc.setRemoteDescription(RTCSessionDescription(answer["sdp"], answer["type"]))
         return r.status, took, float(timing.group(1)) if timing else None
 
+    async def connected(self, timeout: float = 20.0) -> None:
+        """Until the connection is up (a hang-up before that leaves the place taken until it times out)."""
+        deadline = time.monotonic() + timeout
+        while self.pc.connectionState != "connected" and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     async def close(self) -> None:
         await self.pc.close()
         if self.reader is not None:
@@ -138,15 +144,16 @@ async def measure(
             viewers.clear()
             while pool.routes:  # the places are free again
                 await asyncio.sleep(0.2)
-            # 3. the front's share of an offer's time (each session closed before the next offer)
+            # 3. the front's share of an offer's time (each session connects and hangs up before the next)
             total, worker_ms = [], []
             for _ in range(args.offers):
                 viewer = Viewer(frame)
                 status, took, own = await viewer.offer(http, url)
-                await viewer.close()
                 if status == 200 and own is not None:
                     total.append(took)
                     worker_ms.append(own)
+                    await viewer.connected()
+                await viewer.close()
                 while pool.routes:
                     await asyncio.sleep(0.05)
         overhead = [t - w for t, w in zip(total, worker_ms, strict=True)]

@@ -94,7 +94,8 @@ class StreamWorker:
     def __init__(self, name: str, settings: WorkerSettings) -> None:
         from stream.serve import warm_up  # the same warm-up as `stream serve`
 
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # in Ray's worker log
+        logging.getLogger("stream").setLevel(logging.INFO)  # sessions joining and leaving, restarts
         self.name = name
         self.incarnation = secrets.token_hex(6)  # a new one after every restart: its sessions are gone
         self.secret = secrets.token_urlsafe(16)  # only this actor talks to its server
