@@ -23,6 +23,7 @@ from stream.cluster.front import ClusterFront
 from stream.cluster.placement import READY, STARTING, WorkerView, pick, why_full
 from stream.cluster.pool import PREFIX, WorkerPool, call, launch
 from stream.config import StreamConfig
+from stream.server import ServerThread
 from tests.conftest import pan_clip
 from tests.test_server import Client, ClipTrack, running, until
 
@@ -293,3 +294,35 @@ def test_placement_takes_the_least_loaded_ready_worker_and_says_why_when_none() 
         [a, b, c]
     )
     assert "no workers yet" in why_full([])
+
+
+def test_the_page_reads_why_a_session_ended_from_the_front(workers: Any, chromium: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    pool = WorkerPool(SETTINGS, workers=2, gpu=False, poll_interval=0.2, scale_interval=1.0)
+    with ServerThread(ClusterFront(pool, CONFIG, max_sessions=2)) as thread:
+        url = f"http://127.0.0.1:{thread.port}"
+
+        async def whip_and_hang_up() -> str:
+            await until(lambda: [w.state for w in pool.ordered()] == [READY, READY], timeout=120)
+            sender, location = await whip_session(url)
+            async with aiohttp.ClientSession() as http, http.delete(url + location) as r:
+                assert r.status == 200
+            await sender.close()
+            session = location.rsplit("/", 1)[1]
+            await until(lambda: session in pool.ended, timeout=30)
+            return session
+
+        session = asyncio.run(whip_and_hang_up())
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+            try:
+                page = browser.new_page()
+                page.goto(url + "/")
+                reason = page.evaluate(
+                    "id => import('/static/status.js').then((m) => m.endReason(id))", session
+                )
+                unknown = page.evaluate("() => import('/static/status.js').then((m) => m.endReason('nope'))")
+            finally:
+                browser.close()
+    assert reason == "ended by its WHIP client (DELETE)" and unknown == ""
