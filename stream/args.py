@@ -204,8 +204,8 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ray[:ADDRESS]",
         help="serve as the front of a Ray cluster: one worker per GPU runs the model and the WebRTC media, "
         "this process serves the page, places sessions and adds up the stats. `ray` joins the cluster this "
-        "machine belongs to (`ray start`), `ray:ADDRESS` the one at ADDRESS (e.g. ray:10.0.0.5:6379, "
-        "ray:ray://head:10001), `ray:local` starts one on this machine (default: no cluster, one process)",
+        "machine belongs to (`ray start`), `ray:ADDRESS` the one whose head is at ADDRESS (e.g. "
+        "ray:10.0.0.5:6379), `ray:local` starts one on this machine (default: no cluster, one process)",
     )
     group.add_argument(
         "--workers",
