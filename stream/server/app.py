@@ -123,21 +123,22 @@ class StreamServer:
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])
+        signaling = self.signaling  # the module's handlers, or the cluster front's
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/metrics", self.metrics)
-        app.router.add_post("/offer", functools.partial(self.signaling.offer, self))
+        app.router.add_post("/offer", functools.partial(signaling.offer, self))
         app.router.add_get("/view", self.view)
         # WHIP (RFC 9725) ingest and WHEP playback; no trickle ICE: offers carry all their candidates
-        app.router.add_post("/whip", functools.partial(self.signaling.whip, self))
-        app.router.add_delete("/whip/{session}", functools.partial(self.signaling.whip_delete, self))
-        app.router.add_post("/whep", functools.partial(self.signaling.whep, self))
-        app.router.add_post("/whep/{session}", functools.partial(self.signaling.whep, self))
-        app.router.add_delete("/whep/{session}/{viewer}", functools.partial(self.signaling.whep_delete, self))
+        app.router.add_post("/whip", functools.partial(signaling.whip, self))
+        app.router.add_delete("/whip/{session}", functools.partial(signaling.whip_delete, self))
+        app.router.add_post("/whep", functools.partial(signaling.whep, self))
+        app.router.add_post("/whep/{session}", functools.partial(signaling.whep, self))
+        app.router.add_delete("/whep/{session}/{viewer}", functools.partial(signaling.whep_delete, self))
         for path in ("/whip", "/whip/{session}", "/whep", "/whep/{session}", "/whep/{session}/{viewer}"):
-            app.router.add_route("OPTIONS", path, functools.partial(self.signaling.preflight, self))
-            app.router.add_route("PATCH", path, functools.partial(self.signaling.no_trickle, self))
+            app.router.add_route("OPTIONS", path, functools.partial(signaling.preflight, self))
+            app.router.add_route("PATCH", path, functools.partial(signaling.no_trickle, self))
         if WEB_DIR.is_dir():
             app.router.add_static("/static", WEB_DIR, follow_symlinks=False)
         app.on_startup.append(self._startup)
