@@ -193,3 +193,32 @@ def add_budget_arguments(parser: argparse.ArgumentParser, adaptive_default: str)
 def check_budget_arguments(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.target_fps) and 0 < args.target_fps <= 240):
         raise UsageError(f"--target-fps must be in (0, 240], got {args.target_fps}")
+
+
+# ---- scale-out: `stream serve --cluster` (stream/cluster/)
+def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("many GPUs (Ray)")
+    group.add_argument(
+        "--cluster",
+        default=None,
+        metavar="ray[:ADDRESS]",
+        help="serve as the front of a Ray cluster: one worker per GPU runs the model and the WebRTC media, "
+        "this process serves the page, places sessions and adds up the stats. `ray` joins the cluster this "
+        "machine belongs to (`ray start`), `ray:ADDRESS` the one whose head is at ADDRESS (e.g. "
+        "ray:10.0.0.5:6379), `ray:local` starts one on this machine (default: no cluster, one process)",
+    )
+    group.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with --cluster: run N workers (each takes one GPU when the cluster has GPUs, else one CPU) "
+        "(default: one per GPU in the cluster, more as GPU nodes join; 1 on a cluster without GPUs)",
+    )
+    group.add_argument(
+        "--rtc-ports",
+        default=None,
+        metavar="LOW-HIGH",
+        help="with --cluster: the UDP ports the workers' WebRTC media uses, e.g. 40000-40999, to open in a "
+        "firewall (default: any free port)",
+    )

@@ -50,6 +50,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-viewers must be 0 or more, got {args.max_viewers}")
     if args.virtualcam_device and not args.virtualcam:
         raise UsageError("--virtualcam-device needs --virtualcam")
+    if any(getattr(args, flag, None) is not None for flag in ("cluster", "workers", "rtc_ports")):
+        from stream.cluster.serve import cmd_serve_cluster  # Ray only when asked for
+
+        return cmd_serve_cluster(args, config)
     # 2. take the port now: a port in use is said in a second, not after loading the model
     sockets = bind(args.host, args.port)
     virtualcam = None

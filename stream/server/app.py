@@ -52,6 +52,9 @@ WEB_DIR = Path(str(importlib.resources.files("stream") / "web"))
 class StreamServer:
     """Sessions, signaling and stats for one loaded model."""
 
+    # The signaling handlers the routes call; the cluster's front (stream/cluster/) routes them to workers.
+    signaling: Any = signaling
+
     def __init__(
         self,
         config: StreamConfig,
@@ -120,6 +123,7 @@ class StreamServer:
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])
+        signaling = self.signaling  # the module's handlers, or the cluster front's
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)

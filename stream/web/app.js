@@ -7,7 +7,7 @@ import { g2g, latencyStats, resetLatency, startStamper, watchOutput } from "./la
 import { STAMP_CELL, STAMP_GRID, STAMP_PATCH, decodeWord, drawStamp, encodeWord, readStamp } from "./stamp.js";
 import { DEFAULTS, applySettingsToUI, bindSettings, onControlMessage, sendSettings, state as settings } from "./settings.js";
 import { buildStats, renderG2G, renderTelemetry, resetStats, setBrowserFps, showDetail } from "./stats.js";
-import { errorMessage, offerError, setConnection, setStatus } from "./status.js";
+import { endReason, errorMessage, offerError, setConnection, setStatus } from "./status.js";
 import { bindVideo, clearVideo, lowLatency, setAspect, showVideo } from "./video.js";
 import { iceGatheringDone } from "./webrtc.js";
 
@@ -193,10 +193,18 @@ function wireChannels(control, telemetry) {
 function onConnectionState(pc) {
   if (pc !== state.pc) return;
   const s = pc.connectionState;
+  const session = state.session;
   setConnection(s);
   if (s === "connected") setStatus(`Connected (session ${state.session}).`, "ok");
   else if (s === "disconnected") setStatus("Connection interrupted; waiting for it to recover…", "warn");
   else if (s === "failed" || s === "closed") stop(`Connection ${s}. Press Start to try again.`, "error");
+  if (s === "disconnected" || s === "failed") explainEnd(pc, session);
+}
+
+// A session whose server-side worker stopped: say why, when the server knows (a cluster's front does).
+async function explainEnd(pc, session) {
+  const reason = await endReason(session, state.token);
+  if (reason && (pc === state.pc || !state.pc)) stop(`The session ended: ${reason}. Press Start to try again.`, "error");
 }
 
 async function start() {

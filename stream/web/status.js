@@ -43,3 +43,18 @@ export function offerError(status, data, token, maxSessions) {
   if (status === 400 && reason.startsWith("bad settings")) return `The server refused the settings: ${reason.replace(/^bad settings: /, "")}.`;
   return `The server could not start a session: ${reason || "no reason given"} (HTTP ${status}).`;
 }
+
+// Why a session ended, when the server knows: on a cluster (`stream serve --cluster`) the front answers
+// GET /sessions/ID for a session whose worker stopped. "" when it does not know (or has no such route).
+export async function endReason(session, token) {
+  if (!session) return "";
+  try {
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const res = await fetch(`/sessions/${encodeURIComponent(session)}`, { headers, cache: "no-store" });
+    if (!res.ok) return "";
+    const data = await res.json();
+    return data?.state === "ended" && data.reason ? String(data.reason) : "";
+  } catch {
+    return "";
+  }
+}

@@ -1,0 +1,127 @@
+"""The front's signaling: `/offer` and WHIP go to the worker with a free place; DELETE and WHEP go to the
+worker that holds the session. The same routes and answers as the single-process server
+(stream/server/signaling.py): the worker's own server answers, the front passes its answer on."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from stream.cluster.placement import WorkerView, pick, why_full
+from stream.cluster.pool import WorkerLost
+from stream.server.signaling import error, no_trickle, preflight
+
+if TYPE_CHECKING:
+    from stream.cluster.front import ClusterFront
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["no_trickle", "offer", "preflight", "whep", "whep_delete", "whip", "whip_delete"]
+
+
+async def offer(front: ClusterFront, request: web.Request) -> web.Response:
+    return await place(front, request, kind="browser")
+
+
+async def whip(front: ClusterFront, request: web.Request) -> web.Response:
+    return await place(front, request, kind="whip")
+
+
+async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.Response:
+    """A new session on the least loaded worker with a place; the next one if that one turns out full."""
+    started = time.perf_counter()
+    body = await request.read()
+    cors = kind == "whip"
+    tried: set[str] = set()
+    last: web.Response | None = None
+    while (worker := pick(front.pool.ordered(), tried)) is not None:
+        tried.add(worker.name)
+        worker.sessions += 1  # held until its next status: offers arriving meanwhile go elsewhere
+        try:
+            status, headers, data = await front.pool.relay(
+                worker, "POST", request.path, request.rel_url.raw_query_string, request.content_type, body
+            )
+        except WorkerLost as exc:
+            logger.warning("%s session not placed on %s: %s", kind, worker.name, exc)
+            continue
+        response = web.Response(status=status, body=data, headers=headers)
+        session = session_of(status, headers, data)
+        if session is not None:
+            front.pool.placed(session, worker)
+            front.offers.labels(worker.name).inc()
+            front.signaling_seconds.observe(time.perf_counter() - started)
+            logger.info("%s session %s placed on %s", kind, session, worker.name)
+            return response
+        worker.sessions -= 1
+        if status != 503:  # a bad offer: the same on every worker
+            return response
+        last = response  # full or stopping after all: try the next one
+    if last is not None and len(tried) == len(front.pool.views):
+        return last
+    reason = why_full(front.pool.ordered())
+    logger.info("%s session refused: %s", kind, reason)
+    return error(503, reason, cors=cors)
+
+
+def session_of(status: int, headers: dict[str, str], data: bytes) -> str | None:
+    """The new session's id in a worker's answer: JSON `session` (/offer) or the WHIP Location."""
+    if status == 201 and headers.get("Location", "").startswith("/whip/"):
+        return headers["Location"].rsplit("/", 1)[1]
+    if status == 200:
+        try:
+            session = json.loads(data).get("session")
+        except (ValueError, AttributeError):
+            return None
+        return session if isinstance(session, str) else None
+    return None
+
+
+def holder(front: ClusterFront, session: str) -> WorkerView | web.Response:
+    """The worker that holds `session`, or a 404 that says why it is not running."""
+    route = front.pool.routes.get(session)
+    if route is None:
+        reason = front.pool.ended.get(session)
+        if reason is not None:
+            return error(404, f"session {session!r} ended: {reason}", cors=True)
+        return error(404, f"no session {session!r}: see /stats for the running ones", cors=True)
+    return front.pool.views[route.worker]
+
+
+async def forward(
+    front: ClusterFront, request: web.Request, session: str, path: str | None = None
+) -> web.Response:
+    """The request, to the worker that holds `session` (at `path`, when given), and its answer back."""
+    worker = holder(front, session)
+    if isinstance(worker, web.Response):
+        return worker
+    body = await request.read()
+    query = request.rel_url.raw_query_string
+    try:
+        status, headers, data = await front.pool.relay(
+            worker, request.method, path or request.path, query, request.content_type, body
+        )
+    except WorkerLost as exc:
+        return error(503, f"session {session!r} is not reachable: {exc}", cors=True)
+    return web.Response(status=status, body=data, headers=headers)
+
+
+async def whip_delete(front: ClusterFront, request: web.Request) -> web.Response:
+    return await forward(front, request, request.match_info["session"])
+
+
+async def whep(front: ClusterFront, request: web.Request) -> web.Response:
+    """WHEP playback from the worker that holds the session (without one: the newest session)."""
+    session = request.match_info.get("session") or front.pool.newest
+    if session is None:
+        return error(404, "no session is running yet: start one in the page or send with WHIP", cors=True)
+    if "session" not in request.match_info:  # the worker's own `POST /whep` plays its newest, not ours
+        return await forward(front, request, session, f"/whep/{session}")
+    return await forward(front, request, session)
+
+
+async def whep_delete(front: ClusterFront, request: web.Request) -> web.Response:
+    return await forward(front, request, request.match_info["session"])
