@@ -138,6 +138,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, size_default: str | No
         group.add_argument(
             flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=text
         )
+    add_speed_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> StreamConfig:
@@ -193,3 +194,24 @@ def add_budget_arguments(parser: argparse.ArgumentParser, adaptive_default: str)
 def check_budget_arguments(args: argparse.Namespace) -> None:
     if not (math.isfinite(args.target_fps) and 0 < args.target_fps <= 240):
         raise UsageError(f"--target-fps must be in (0, 240], got {args.target_fps}")
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """GPU speed: CUDA graphs and torch.compile (StreamConfig's cuda_graphs and compile)."""
+    defaults = StreamConfig()
+    group = parser.add_argument_group("GPU speed")
+    group.add_argument(
+        "--cuda-graphs",
+        dest="cuda_graphs",
+        choices=("auto", "on", "off"),
+        default=defaults.cuda_graphs,
+        help="replay the model calls as CUDA graphs, one per batch-size bucket and size: auto = on for "
+        "CUDA, off elsewhere; on needs a CUDA device",
+    )
+    group.add_argument(
+        "--compile",
+        dest="compile",
+        choices=("off", "default", "max-autotune"),
+        default=defaults.compile,
+        help="torch.compile on the UNet (the first frame of each size waits for the compile)",
+    )
