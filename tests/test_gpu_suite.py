@@ -1,0 +1,77 @@
+"""The GPU suite rehearsed on the CPU (`--model tiny --device cpu --quick`), so that its first GPU run
+does not fail on a typo: every part runs, the record and the table are written, the last line is JSON,
+and a failing part is recorded while the suite goes on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks import gpu_suite
+from benchmarks.gpu import measure
+
+REHEARSAL = ["--model", "tiny", "--device", "cpu", "--quick", "--sessions", "1,3"]
+
+
+def test_the_whole_suite_rehearses_on_the_cpu(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_model_dir: Path
+) -> None:
+    site = tmp_path / "no-site"
+    code = gpu_suite.main([*REHEARSAL, "--out", str(tmp_path), "--streamdiffusion-site", str(site)])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    last = json.loads(out[-1])
+    record = json.loads((tmp_path / "gpu_suite.json").read_text())
+    assert last["out"] == str(tmp_path / "gpu_suite.json") and last["summary"] == record["summary"]
+    parts = record["parts"]
+    assert list(parts) == list(gpu_suite.BUDGETS)
+    assert record["environment"]["torch"] and record["environment"]["diffusers"]
+    assert "--quick" in record["environment"]["command"]
+    # every part ran; StreamDiffusion is not installed here, and says where it was looked for
+    assert {n for n, p in parts.items() if p["status"] != "ok"} == {"streamdiffusion"}
+    assert parts["streamdiffusion"]["status"] == "not run" and str(site) in parts["streamdiffusion"]["reason"]
+    assert last["not_ok_parts"] == ["streamdiffusion"]
+    for name in ("pipeline:sd-turbo", "pipeline:sd15"):
+        modes = parts[name]["modes"]
+        assert set(modes) == {"A", "B"}
+        for variants in modes.values():
+            assert set(variants) == {"eager", "graphs"}
+            for v in variants.values():
+                s = v["summary"]
+                assert s["frames"] >= 1 and s["fps"] > 0 and s["p50_ms"] <= s["p99_ms"]
+                assert s["nan_frames"] == 0
+            # the bucket padding (eager on a CPU) gives the eager frames
+            assert variants["graphs"]["vs_eager"]["frames_compared"] >= 1
+            assert variants["graphs"]["vs_eager"]["max_diff_uint8"] <= 1
+    rows = parts["sessions"]["rows"]
+    assert [r["sessions"] for r in rows] == [1, 3] and all(r["aggregate_fps"] > 0 for r in rows)
+    assert parts["diffusers"]["speedup_fps"] > 0 and parts["diffusers"]["frames"] >= 1
+    assert "CUDA only" in parts["compile"]["skipped"]
+    assert parts["pytest_slow"]["exit"] in (0, 5) and "-m slow" in parts["pytest_slow"]["command"]
+    table = (tmp_path / "gpu_suite.txt").read_text()
+    assert "sessions batched" in table and "pipeline:sd15" in table and "StreamDiffusion" in table
+    assert all(p["seconds"] <= p["budget_s"] + 15 for p in parts.values())
+
+
+def test_a_failing_part_is_recorded_and_the_suite_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tiny_model_dir: Path
+) -> None:
+    def broken(*_: object, **__: object) -> None:
+        raise RuntimeError("out of memory\nsecond line")
+
+    monkeypatch.setattr(measure, "measure_sessions", broken)
+    code = gpu_suite.main([*REHEARSAL, "--out", str(tmp_path), "--parts", "sessions,env"])
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    parts = json.loads((tmp_path / "gpu_suite.json").read_text())["parts"]
+    assert code == 0 and last["not_ok_parts"] == ["sessions"]
+    assert parts["sessions"]["error"] == "RuntimeError: out of memory" and parts["env"]["status"] == "ok"
+
+
+def test_an_unknown_part_is_one_line_with_the_known_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert gpu_suite.main([*REHEARSAL, "--out", str(tmp_path), "--parts", "sesions"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sesions" in err[0] and "sessions" in err[0]
