@@ -100,9 +100,9 @@ class Suite:
         self.clip = photo_clip("pan", 16, (self.size, self.size), step=4)
         self.record: dict[str, Any] = {"suite": "gpu", "quick": self.quick, "size": self.size, "parts": {}}
         self.record["environment"] = {"device": str(self.device), "command": command}
-        self.stream_fps: dict[
-            str, float
-        ] = {}  # mode -> our best FPS on sd-turbo, for StreamDiffusion's ratio
+        # mode -> our best FPS on sd-turbo, for StreamDiffusion's ratio
+        self.stream_fps: dict[str, float] = {}
+        self.components: dict[str, Any] = {}
         self.start = time.perf_counter()
 
     # ------------------------------------------------------------------ running parts
@@ -167,9 +167,12 @@ class Suite:
         )  # fmt: skip
 
     def _load(self, key: str) -> Any:
+        """A model's components, loaded once for all parts (each part makes engines of its own)."""
         from stream.models import load_model
 
-        return load_model(self._config(key, measure.MODES[0]))
+        if key not in self.components:
+            self.components[key] = load_model(self._config(key, measure.MODES[0]))
+        return self.components[key]
 
     # ------------------------------------------------------------------ the parts
     def env(self, deadline: measure.Deadline) -> dict[str, Any]:
@@ -271,6 +274,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if unknown:
         print(
             f"gpu_suite: error: unknown part(s) {', '.join(unknown)}; known: {', '.join(BUDGETS)}",
+            file=sys.stderr,
+        )
+        return 2
+    try:
+        counts = [int(n) for n in args.sessions.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1 or max(counts) > 64:
+        got = f"got {args.sessions!r}"
+        print(
+            f"gpu_suite: error: --sessions takes counts from 1 to 64 separated by commas, {got}",
             file=sys.stderr,
         )
         return 2

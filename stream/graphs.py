@@ -115,7 +115,16 @@ class GraphRunner:
         key = (bucket, *(None if x is None else (tuple(x.shape[1:]), x.dtype) for x in inputs))
         captured = self.graphs.get(key)
         if captured is None:
-            captured = self.graphs[key] = self._capture(pad_rows(inputs, bucket))
+            try:
+                captured = self.graphs[key] = self._capture(pad_rows(inputs, bucket))
+            except Exception as exc:  # an op that cannot be captured: slower, never wrong
+                logger.warning(
+                    "could not capture a CUDA graph of %s (%s); it runs without CUDA graphs from now on",
+                    self.name,
+                    str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__,
+                )
+                self.capture = False
+                return run_padded(self.fn, inputs)
         for static, x in zip(captured.inputs, inputs, strict=True):
             if static is not None and x is not None:
                 static[:rows].copy_(x, non_blocking=True)

@@ -47,7 +47,7 @@ class FrameTransfer:
         if not self.staging:
             return image.contiguous().cpu().numpy()
         self._down = host = self._host(self._down, tuple(image.shape))
-        host.copy_(image, non_blocking=self._pin)
+        host.copy_(image.contiguous(), non_blocking=self._pin)
         done = self._event()
         if done is not None:
             done.synchronize()

@@ -75,3 +75,9 @@ def test_an_unknown_part_is_one_line_with_the_known_ones(
     assert gpu_suite.main([*REHEARSAL, "--out", str(tmp_path), "--parts", "sesions"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sesions" in err[0] and "sessions" in err[0]
+
+
+def test_bad_session_counts_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert gpu_suite.main([*REHEARSAL, "--out", str(tmp_path), "--sessions", "1,x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--sessions" in err[0] and "'1,x'" in err[0]

@@ -110,6 +110,23 @@ def test_engine_routed_through_padded_runners_gives_the_same_frames(components: 
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 1
 
 
+def test_a_graph_that_cannot_be_captured_falls_back_to_the_padded_eager_call(
+    components: Components, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Capture fails (here: no CUDA at all): one warning, then the same rows as without graphs."""
+    engine = Engine.shared(components, config())
+    runner = GraphRunner(engine._unet, "unet", capture=True)
+    x, t, embeds = unet_inputs(engine, 3, seed=5)
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="stream.graphs"):
+        first = runner(x, t, embeds, None)
+        second = runner(x, t, embeds, None)
+        expected = engine._unet(x, t, embeds, None)
+    assert not runner.capture and not runner.graphs
+    assert [r.message for r in caplog.records if "could not capture" in r.message] != []
+    assert len([r for r in caplog.records if "could not capture" in r.message]) == 1
+    assert torch.allclose(first, expected, atol=1e-5) and torch.equal(first, second)
+
+
 def test_graphs_auto_is_off_on_cpu_and_on_is_refused_there(components: Components) -> None:
     cpu = torch.device("cpu")
     assert not graphs.use_graphs("auto", cpu) and not graphs.use_graphs("off", cpu)
