@@ -43,7 +43,7 @@ from benchmarks.gpu.streamdiffusion_run import run_streamdiffusion
 MODULE = "benchmarks.gpu_suite"
 ROOT = Path(__file__).resolve().parent.parent  # the repository: the slow tests' paths are relative to it
 TOTAL_S = 480.0  # 8 minutes for everything
-# Seconds per part on the GPU; --quick (the CPU rehearsal) scales them down. Unused time carries on.
+# Seconds per part (caps: a part that ends early leaves its time to the next ones, up to 1.5x their own).
 BUDGETS = {
     "env": 10.0,
     "pipeline:sd-turbo": 75.0,
@@ -103,6 +103,7 @@ class Suite:
         # mode -> our best FPS on sd-turbo, for StreamDiffusion's ratio
         self.stream_fps: dict[str, float] = {}
         self.components: dict[str, Any] = {}
+        self.eager_a: dict[str, Any] | None = None  # sd-turbo's eager A outputs, for compile's comparison
         self.start = time.perf_counter()
 
     # ------------------------------------------------------------------ running parts
@@ -117,11 +118,10 @@ class Suite:
             "compile": self.compile,
             "pytest_slow": self.pytest_slow,
         }
-        scale = 0.5 if self.quick else 1.0
         for index, name in enumerate(names):
-            later = sum(BUDGETS[n] * scale for n in names[index + 1 :])
+            later = sum(BUDGETS[n] for n in names[index + 1 :])
             left = self.args.total_s - (time.perf_counter() - self.start)
-            budget = max(1.0, min(left - later, 1.5 * BUDGETS[name] * scale))  # unused time carries on
+            budget = max(1.0, min(left - later, 1.5 * BUDGETS[name]))
             self.record["parts"][name] = self._run_part(name, parts[name], budget)
             sys.stderr.write(f"{name}: {self.record['parts'][name]['status']}\n")
             gc.collect()
@@ -129,6 +129,7 @@ class Suite:
                 torch.cuda.empty_cache()
         self.record["seconds"] = round(time.perf_counter() - self.start, 1)
         self.record["summary"] = report.summary_lines(self.record)
+        self.record["targets"] = report.targets(self.record)
         return self.record
 
     def _run_part(
@@ -201,6 +202,7 @@ class Suite:
             }
             if key == "sd-turbo":
                 self.stream_fps[mode.name] = max(r["summary"]["fps"] for r in runs.values())
+                self.eager_a = runs["eager"] if mode.name == "A" else self.eager_a
         return {
             "model": f"{MODELS[key][0]} (vae {MODELS[key][1]})" if not self.args.model else self.args.model,
             "modes": modes,
@@ -217,13 +219,16 @@ class Suite:
         return {"model": config.model, "note": note, **result}
 
     def diffusers(self, deadline: measure.Deadline) -> dict[str, Any]:
-        mode = measure.MODES[1]  # 4 steps with CFG: the pipeline's own strength grid, the same UNet calls
-        config = self._config("sd-turbo", mode, timesteps="diffusers")
+        # the pipeline's own strength grid (timesteps="diffusers"): the same UNet calls as the stream
         frames = 2 if self.quick else 30
-        result = measure.measure_diffusers(
-            self._load("sd-turbo"), config, self.clip, 1 if self.quick else 3, frames, deadline
-        )
-        return {"model": config.model, "mode": mode.name, **result}
+        modes = {}
+        for m, mode in enumerate(measure.MODES):
+            config = self._config("sd-turbo", mode, timesteps="diffusers")
+            share = measure.Deadline(deadline.left() / (len(measure.MODES) - m))
+            modes[mode.name] = measure.measure_diffusers(
+                self._load("sd-turbo"), config, self.clip, 1 if self.quick else 3, frames, share
+            )
+        return {"model": self._config("sd-turbo", measure.MODES[0]).model, "modes": modes}
 
     def streamdiffusion(self, deadline: measure.Deadline) -> dict[str, Any]:
         components = self._load("sd-turbo")
@@ -245,7 +250,10 @@ class Suite:
         config = self._config("sd-turbo", measure.MODES[0])
         engine, note = measure.make_engine(components, config, "compile")
         run = measure.measure_stream(engine, config, self.clip, self.warmup, self.frames, deadline)
-        return {"model": config.model, "mode": "A", "note": note, **run["summary"]}
+        result = {"model": config.model, "mode": "A", "note": note, **run["summary"]}
+        if self.eager_a is not None:  # the same clip, settings and warm-up as pipeline:sd-turbo's eager A
+            result["vs_eager"] = measure.compare_outputs(self.eager_a, run)
+        return result
 
     def pytest_slow(self, deadline: measure.Deadline) -> dict[str, Any]:
         command = [sys.executable, "-m", "pytest", "-m", "slow", "-q", "-p", "no:cacheprovider", *SLOW_TESTS]
@@ -260,6 +268,7 @@ class Suite:
             "command": " ".join(command[1:]),
             "exit": done.returncode,
             "result": lines[-1] if lines else "",
+            "failed": [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20],
         }
         if done.returncode not in (0, 5):  # 5: nothing collected
             raise RuntimeError(f"pytest -m slow: {result['result'] or done.stderr.strip()[-300:]}")

@@ -110,6 +110,11 @@ def table(record: dict[str, Any]) -> str:
     lines += ["", "comparisons:"]
     for key, text in summary_lines(record).items():
         lines.append(f"  {key}: {text}")
+    lines += ["", "targets (H200, 512x512):"]
+    for name, t in record.get("targets", {}).items():
+        figures = "" if t is None else json.dumps({k: v for k, v in t.items() if k != "holds"})
+        verdict = "not measured" if t is None else "holds" if t["holds"] else "missed"
+        lines.append(f"  {name}: {verdict} {figures}")
     lines += ["", "parts:"]
     for name, part in record.get("parts", {}).items():
         lines.append(
@@ -133,9 +138,8 @@ def summary_lines(record: dict[str, Any]) -> dict[str, str]:
                     out["B share of the physical limit"] = (
                         f"{best / B_LIMIT_FPS:.1%} of {B_LIMIT_FPS:.0f} FPS"
                     )
-    diff = parts.get("diffusers", {})
-    if "speedup_fps" in diff:
-        out["vs diffusers img2img"] = f"{diff['speedup_fps']:.2f}x FPS"
+    for mode, r in (parts.get("diffusers", {}).get("modes") or {}).items():
+        out[f"vs diffusers img2img {mode}"] = f"{r['speedup_fps']:.2f}x FPS"
     sd = parts.get("streamdiffusion", {})
     for mode, r in (sd.get("modes") or {}).items():
         if isinstance(r, dict) and "fps" in r:
@@ -144,4 +148,49 @@ def summary_lines(record: dict[str, Any]) -> dict[str, str]:
             out[f"StreamDiffusion {mode}"] = f"{r['fps']:.1f} FPS{ratio}"
     if "status" in sd and sd.get("status") != "ok":
         out["StreamDiffusion"] = f"{sd.get('status')}: {sd.get('error', sd.get('reason', ''))}"
+    return out
+
+
+def targets(record: dict[str, Any]) -> dict[str, Any]:
+    """Each target of the product (H200, 512x512, uint8 in -> uint8 out): the figure and whether it
+    holds; None where the part did not measure it."""
+    parts = record.get("parts", {})
+    turbo = (parts.get("pipeline:sd-turbo", {}).get("modes")) or {}
+
+    def best(mode: str) -> dict[str, Any] | None:
+        runs = [v["summary"] for v in (turbo.get(mode) or {}).values() if "summary" in v]
+        return max(runs, key=lambda s: s["fps"]) if runs else None
+
+    out: dict[str, Any] = {}
+    a, b = best("A"), best("B")
+    out["A >= 250 FPS, p50 <= 4 ms"] = (
+        None
+        if a is None
+        else {"fps": a["fps"], "p50_ms": a["p50_ms"], "holds": a["fps"] >= 250 and a["p50_ms"] <= 4}
+    )
+    out["B >= 60 FPS, p99 <= 30 ms"] = (
+        None
+        if b is None
+        else {
+            "fps": b["fps"],
+            "p99_ms": b["p99_ms"],
+            "holds": b["fps"] >= 60 and b["p99_ms"] <= 30,
+            "share_of_limit": round(b["fps"] / B_LIMIT_FPS, 3),
+        }
+    )
+    sessions = parts.get("sessions", {})
+    n = sessions.get("max_sessions_at_target")
+    out[">= 20 sessions at 24 FPS, p95 <= 40 ms"] = None if n is None else {"sessions": n, "holds": n >= 20}
+    sd = (parts.get("streamdiffusion", {}).get("modes")) or {}
+    ratios = {m: r["stream_fps"] / r["fps"] for m, r in sd.items() if r.get("fps") and r.get("stream_fps")}
+    out[">= 1.5x StreamDiffusion"] = (
+        None
+        if not ratios
+        else {"ratio": {m: round(x, 2) for m, x in ratios.items()}, "holds": min(ratios.values()) >= 1.5}
+    )
+    diff = (parts.get("diffusers", {}).get("modes")) or {}
+    speedups = {m: r["speedup_fps"] for m, r in diff.items() if "speedup_fps" in r}
+    out[">= 10x diffusers img2img"] = (
+        None if not speedups else {"ratio": speedups, "holds": min(speedups.values()) >= 10}
+    )
     return out
