@@ -88,3 +88,32 @@ def test_bad_session_counts_are_one_line(tmp_path: Path, capsys: pytest.CaptureF
     assert gpu_suite.main([*REHEARSAL, "--out", str(tmp_path), "--sessions", "1,x"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--sessions" in err[0] and "'1,x'" in err[0]
+
+
+def test_targets_say_holds_missed_or_not_measured() -> None:
+    from benchmarks.gpu import report
+
+    def run(fps: float, p50: float, p99: float) -> dict[str, object]:
+        return {"summary": {"fps": fps, "p50_ms": p50, "p95_ms": p99, "p99_ms": p99}}
+
+    record = {
+        "parts": {
+            "pipeline:sd-turbo": {
+                "modes": {
+                    "A": {"eager": run(200.0, 5.0, 6.0), "graphs": run(300.0, 3.3, 3.9)},
+                    "B": {"eager": run(40.0, 25.0, 26.0), "graphs": run(70.0, 14.0, 35.0)},
+                }
+            },
+            "sessions": {"max_sessions_at_target": 24},
+            "streamdiffusion": {"status": "failed", "error": "ImportError: x"},
+            "diffusers": {"modes": {"A": {"speedup_fps": 12.0}, "B": {"speedup_fps": 9.0}}},
+        }
+    }
+    t = report.targets(record)
+    assert t["A >= 250 FPS, p50 <= 4 ms"] == {"fps": 300.0, "p50_ms": 3.3, "holds": True}
+    b = t["B >= 60 FPS, p99 <= 30 ms"]
+    assert b["fps"] == 70.0 and not b["holds"] and b["share_of_limit"] == round(70.0 / report.B_LIMIT_FPS, 3)
+    assert t[">= 20 sessions at 24 FPS, p95 <= 40 ms"] == {"sessions": 24, "holds": True}
+    assert t[">= 1.5x StreamDiffusion"] is None
+    assert t[">= 10x diffusers img2img"] == {"ratio": {"A": 12.0, "B": 9.0}, "holds": False}
+    assert "StreamDiffusion" in report.summary_lines(record)

@@ -92,11 +92,12 @@ def main(argv: list[str]) -> int:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     configs = json.loads((work / "configs.json").read_text())
     vae_class = AutoencoderTiny if configs["vae_class"] == "AutoencoderTiny" else AutoencoderKL
-    modules = {
-        "unet": UNet2DConditionModel.from_config(configs["unet"]),
-        "vae": vae_class.from_config(configs["vae"]),
-        "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
-    }
+    with device:  # built where they run: initializing 1.2B parameters on a CPU takes long
+        modules = {
+            "unet": UNet2DConditionModel.from_config(configs["unet"]),
+            "vae": vae_class.from_config(configs["vae"]),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+        }
     missing = 0
     for name, module in modules.items():
         state = torch.load(work / f"{name}.pt", weights_only=True)
