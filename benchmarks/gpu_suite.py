@@ -7,8 +7,9 @@ Parts, in order, each with its own time budget (a part that fails or runs out of
 and the suite goes on):
 - env: device name, driver, CUDA, torch, diffusers and Python versions, the command;
 - pipeline:<model>: 512x512 fp16, from a uint8 frame in to a uint8 frame out; A (1 step, no CFG) and
-  B (4 steps, CFG as one batched call); eager vs CUDA graphs: FPS, p50/p95/p99, first frame (capture),
-  GPU memory peak, NaN frames (every output's canvas is checked), max difference from eager.
+  B (4 steps, CFG as one batched call); eager vs CUDA graphs vs graphs with channels_last weights:
+  FPS, p50/p95/p99, first frame (capture), GPU memory peak, NaN frames (every output's canvas is
+  checked), max difference from eager.
   `random:sd-turbo` (SD 2.1 UNet) with the TAESD-shaped autoencoder, `random:sd15` with its full
   AutoencoderKL (decoded in fp32: its config says force_upcast);
 - sessions: 1-32 sessions batched (A) on one GPU: frames/s, per-session FPS, p95; the largest N that
@@ -182,7 +183,7 @@ class Suite:
 
     def pipeline(self, key: str, deadline: measure.Deadline) -> dict[str, Any]:
         components = self._load(key)
-        variants = ("eager", "graphs")
+        variants = ("eager", "graphs", "channels_last")
         modes: dict[str, Any] = {}
         for m, mode in enumerate(measure.MODES):
             config = self._config(key, mode)
@@ -195,6 +196,7 @@ class Suite:
                 )
                 runs[variant]["note"] = note
                 del engine
+                measure.contiguous(components)
             for variant in variants[1:]:
                 runs[variant]["vs_eager"] = measure.compare_outputs(runs["eager"], runs[variant])
             modes[mode.name] = {

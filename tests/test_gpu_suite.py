@@ -37,7 +37,7 @@ def test_the_whole_suite_rehearses_on_the_cpu(
         modes = parts[name]["modes"]
         assert set(modes) == {"A", "B"}
         for variants in modes.values():
-            assert set(variants) == {"eager", "graphs"}
+            assert set(variants) == {"eager", "graphs", "channels_last"}
             for v in variants.values():
                 s = v["summary"]
                 assert s["frames"] >= 1 and s["fps"] > 0 and s["p50_ms"] <= s["p99_ms"]
@@ -45,6 +45,7 @@ def test_the_whole_suite_rehearses_on_the_cpu(
             # the bucket padding (eager on a CPU) gives the eager frames
             assert variants["graphs"]["vs_eager"]["frames_compared"] >= 1
             assert variants["graphs"]["vs_eager"]["max_diff_uint8"] <= 1
+            assert variants["channels_last"]["vs_eager"]["max_diff_uint8"] <= 2
     rows = parts["sessions"]["rows"]
     assert [r["sessions"] for r in rows] == [1, 3] and all(r["aggregate_fps"] > 0 for r in rows)
     for mode in ("A", "B"):

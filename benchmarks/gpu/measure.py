@@ -53,7 +53,8 @@ class Deadline:
 
 
 def make_engine(components: Components, config: StreamConfig, variant: str) -> tuple[Engine, str]:
-    """An engine of its own for `variant` (eager, graphs or compile), and a note on how it ran.
+    """An engine of its own for `variant` (eager, graphs, channels_last or compile), and a note on how
+    it ran. channels_last changes the shared modules in place: `contiguous` puts them back.
 
     On a CPU (the suite's rehearsal) `graphs` runs the same padded calls eagerly: CUDA graphs need CUDA.
     """
@@ -73,10 +74,21 @@ def make_engine(components: Components, config: StreamConfig, variant: str) -> t
             for name, fn in (("unet", engine._unet), ("encode", engine._encode), ("decode", engine._decode))
         }
         return engine, "rehearsal: the bucket padding run eagerly (CUDA graphs need CUDA)"
+    if variant == "channels_last":  # measured only: the product does not use it (yet)
+        engine, note = make_engine(components, config, "graphs")
+        engine.unet.to(memory_format=torch.channels_last)
+        engine.vae.to(memory_format=torch.channels_last)
+        return engine, f"{note}, UNet and VAE weights channels_last"
     if variant == "compile":
         engine = Engine(components, device, dtype, config.attention, graphs=cuda, compile_mode="default")
         return engine, "torch.compile (default) + CUDA graphs" if cuda else "torch.compile (default)"
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def contiguous(components: Components) -> None:
+    """The modules' weights back in the default memory format (after a channels_last variant)."""
+    for module in (components.unet, components.vae):
+        module.to(memory_format=torch.contiguous_format)
 
 
 def _canvas_nan(result: FrameResult) -> bool:

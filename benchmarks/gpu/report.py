@@ -74,7 +74,7 @@ def table(record: dict[str, Any]) -> str:
         f"command: {env.get('command')}",
         "random weights: speed numbers only, the images mean nothing",
         "",
-        f"{'model':<24} {'mode':<4} {'variant':<8} {'FPS':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
+        f"{'model':<24} {'mode':<4} {'variant':<13} {'FPS':>7} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
         f"{'1st s':>6} {'GiB':>6} {'NaN':>4} {'max diff':>8}",
     ]
     for name, part in record.get("parts", {}).items():
@@ -84,12 +84,12 @@ def table(record: dict[str, Any]) -> str:
             for variant, v in variants.items():
                 if "summary" not in v:
                     lines.append(
-                        f"{part.get('model', name):<24} {mode:<4} {variant:<8} {v.get('status', '')}"
+                        f"{part.get('model', name):<24} {mode:<4} {variant:<13} {v.get('status', '')}"
                     )
                     continue
                 s, d = v["summary"], v.get("vs_eager", {})
                 lines.append(
-                    f"{part.get('model', name):<24} {mode:<4} {variant:<8} {_f(s['fps']):>7} "
+                    f"{part.get('model', name):<24} {mode:<4} {variant:<13} {_f(s['fps']):>7} "
                     f"{_f(s['p50_ms'], 2):>7} {_f(s['p95_ms'], 2):>7} {_f(s['p99_ms'], 2):>7} "
                     f"{_f(s['first_frame_s'], 2):>6} {_f(s['gpu_memory_peak_gib'], 2):>6} "
                     f"{s['nan_frames']:>4} {_f(d.get('max_diff_uint8')):>8}"
