@@ -153,7 +153,13 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
     known = known_multiple(values.get("model", StreamConfig.model), values.get("vae", StreamConfig.vae))
     try:
         check_sides(sides, *(known or (SD_MULTIPLE, "Stable Diffusion models")))
-        return StreamConfig(**values)
+        config = StreamConfig(**values)
+        if config.cuda_graphs == "on":  # refused here, before a model loads for minutes
+            from stream.devices import resolve_device
+            from stream.graphs import use_graphs
+
+            use_graphs(config.cuda_graphs, resolve_device(config.device))
+        return config
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
 

@@ -12,7 +12,7 @@ import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
 from stream import graphs
-from stream.args import add_config_arguments, config_from_args
+from stream.args import UsageError, add_config_arguments, config_from_args
 from stream.batch import process_batch
 from stream.config import ConfigError, StreamConfig
 from stream.denoiser import StreamDenoiser
@@ -150,6 +150,14 @@ def test_speed_flags_reach_the_config() -> None:
     )
     assert (cfg.cuda_graphs, cfg.compile) == ("off", "max-autotune")
     assert (StreamConfig().cuda_graphs, StreamConfig().compile) == ("auto", "off")
+
+
+def test_cuda_graphs_on_without_cuda_is_refused_before_loading() -> None:
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser)
+    with pytest.raises(UsageError, match="--cuda-graphs on needs a CUDA device") as info:
+        config_from_args(parser.parse_args(["--model", "tiny", "--device", "cpu", "--cuda-graphs", "on"]))
+    assert "\n" not in str(info.value) and "--cuda-graphs auto" in str(info.value)
 
 
 def test_a_bad_speed_flag_gets_one_line_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
