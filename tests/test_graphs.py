@@ -215,3 +215,11 @@ def test_cuda_graphs_give_the_eager_frames_within_fp16_tolerance(components: Com
         a, b = eager(frame), replay(frame)
         assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
     assert replay.engine.graph_runners["unet"].graphs  # captured, and replayed after the first frame
+    # three streams in one round (CFG on one: 4 rows, then 3 rows padded to 4) through both engines
+    settings = [{"seed": 1}, {"seed": 2, "guidance_scale": 3.0}, {"seed": 3, "steps": 1}]
+    outputs = []
+    for engine in (eager.engine, replay.engine):
+        streams = [StreamDenoiser(engine, config(**cuda, **s)) for s in settings]  # type: ignore[arg-type]
+        outputs.append([r.frame for r in process_batch(streams, pan_clip(3, (SIZE, SIZE), step=5))])  # type: ignore[union-attr]
+    for a, b in zip(*outputs, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 2
