@@ -1,11 +1,13 @@
 """Per-frame latency of StreamDenoiser against diffusers' StableDiffusionImg2ImgPipeline, in one run.
 
 Both run over the SAME loaded components (the same UNet, VAE, text encoder and tokenizer objects, on
-the same device and dtype), the same model, size, steps, strength and guidance, on the same frames (a
-window panning over a real photo). The pipeline uses `DDIMScheduler.from_config(<model's config>)`
-and `num_inference_steps = inference_steps_for(steps, strength)`, the DDIM grid whose last `steps`
-timesteps img2img keeps at that strength, so both make the same number of UNet calls per frame;
-a forward hook on the UNet counts them and the run fails (exit 1) if they differ.
+the same device and dtype; in float16 an AutoencoderKL whose config says force_upcast runs in
+float32 in the stream, and the pipeline gets a copy in float16, as diffusers' img2img runs it), the
+same model, size, steps, strength and guidance, on the same frames (a window panning over a real
+photo). The pipeline uses `DDIMScheduler.from_config(<model's config>)` and `num_inference_steps =
+inference_steps_for(steps, strength)`, the DDIM grid whose last `steps` timesteps img2img keeps at
+that strength, so both make the same number of UNet calls per frame; a forward hook on the UNet
+counts them and the run fails (exit 1) if they differ.
 
 Three variants, called frame after frame in turn (so drifts of the machine hit all three alike), each
 timed from a uint8 frame in to a uint8 frame out, as a user would call it per frame:
@@ -25,6 +27,7 @@ Prints a table, then one JSON object as the last line. Example:
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import sys
@@ -117,8 +120,13 @@ class Benchmark:
         self.denoiser = StreamDenoiser(components, config)
         self.device = self.denoiser.device
         self.inference_steps = schedule.inference_steps_for(config.steps, config.strength)
+        vae = components.vae
+        if self.denoiser.engine.vae_dtype != self.denoiser.dtype:
+            # The stream runs a force_upcast autoencoder in float32; diffusers' img2img runs it in the
+            # pipeline's dtype, so it gets a copy of its own in that dtype.
+            vae = copy.deepcopy(vae).to(self.denoiser.dtype)
         self.pipe = StableDiffusionImg2ImgPipeline(
-            vae=components.vae,
+            vae=vae,
             text_encoder=components.text_encoder,
             tokenizer=components.tokenizer,
             unet=components.unet,
@@ -128,7 +136,7 @@ class Benchmark:
             requires_safety_checker=False,
         )
         self.pipe.set_progress_bar_config(disable=True)
-        assert self.pipe.unet is self.denoiser.engine.unet and self.pipe.vae is self.denoiser.engine.vae
+        assert self.pipe.unet is self.denoiser.engine.unet
         self.cfg = config.cfg and components.unet.config.time_cond_proj_dim is None
         with torch.inference_mode():
             self.prompt_embeds, self.negative_embeds = self.pipe.encode_prompt(

@@ -138,6 +138,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, size_default: str | No
         group.add_argument(
             flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=text
         )
+    add_speed_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> StreamConfig:
@@ -152,7 +153,13 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
     known = known_multiple(values.get("model", StreamConfig.model), values.get("vae", StreamConfig.vae))
     try:
         check_sides(sides, *(known or (SD_MULTIPLE, "Stable Diffusion models")))
-        return StreamConfig(**values)
+        config = StreamConfig(**values)
+        if config.cuda_graphs == "on":  # refused here, before a model loads for minutes
+            from stream.devices import resolve_device
+            from stream.graphs import use_graphs
+
+            use_graphs(config.cuda_graphs, resolve_device(config.device))
+        return config
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc
 
@@ -221,4 +228,25 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="LOW-HIGH",
         help="with --cluster: the UDP ports the workers' WebRTC media uses, e.g. 40000-40999, to open in a "
         "firewall (default: any free port)",
+    )
+
+
+def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+    """GPU speed: CUDA graphs and torch.compile (StreamConfig's cuda_graphs and compile)."""
+    defaults = StreamConfig()
+    group = parser.add_argument_group("GPU speed")
+    group.add_argument(
+        "--cuda-graphs",
+        dest="cuda_graphs",
+        choices=("auto", "on", "off"),
+        default=defaults.cuda_graphs,
+        help="replay the model calls as CUDA graphs, one per batch-size bucket and size: auto = on for "
+        "CUDA, off elsewhere; on needs a CUDA device",
+    )
+    group.add_argument(
+        "--compile",
+        dest="compile",
+        choices=("off", "default", "max-autotune"),
+        default=defaults.compile,
+        help="torch.compile on the UNet (the first frame of each size waits for the compile)",
     )

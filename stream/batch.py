@@ -102,9 +102,13 @@ def _run(engine: Engine, jobs: list[Job]) -> list[FrameResult]:
         # 5. decode: (B, C, h, w) -> (B, 3, H, W) in [0, 1]
         with timer("decode"):
             images = engine.decode(torch.cat([job.result for job in jobs if job.result is not None]))
+        # 6. postprocess, per stream; the shared stages' timings are read after it (on CUDA reading them
+        # waits for the device, which the frames' downloads have done by then)
+        results = [
+            job.denoiser._finish(job, image, {}) for job, image in zip(jobs, images.split(1), strict=True)
+        ]
         shared = timer.finish()
         del shared["total"]
-        # 6. postprocess, per stream
-        return [
-            job.denoiser._finish(job, image, shared) for job, image in zip(jobs, images.split(1), strict=True)
-        ]
+        for result in results:
+            result.timings = {**shared, **result.timings}
+        return results

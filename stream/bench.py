@@ -59,12 +59,14 @@ def run(
         denoiser.process(clip[i % len(clip)])
     # 4. timed frames: the process() call is the frame; its stages come from the denoiser's own timer
     records: list[dict[str, float]] = []
+    nan_frames = 0  # outputs whose decoded canvas holds NaN (an fp16 overflow shows as black frames)
     start = time.perf_counter()
     last_shown = start
     for i in range(frames):
         t0 = time.perf_counter()
         result = denoiser.process(clip[(warmup + i) % len(clip)])  # returns a CPU array: synchronized
         records.append({**result.timings, "frame": (time.perf_counter() - t0) * 1000.0})
+        nan_frames += result.image is not None and bool(result.image.isnan().any())
         now = time.perf_counter()
         if progress is not None and (now - last_shown > 1.0 or i + 1 == frames):
             progress.write(f"\rframe {i + 1}/{frames}  {(i + 1) / (now - start):.1f} fps")
@@ -90,6 +92,9 @@ def run(
             "vae": config.vae,
             "frames": frames,
             "warmup": warmup,
+            "nan_frames": nan_frames,
+            "cuda_graphs": bool(denoiser.engine.graph_runners),
+            "compile": config.compile,
             "clip": f"{motion} over scikit-image's {photo}",
             **environment(denoiser.device),
         }

@@ -15,7 +15,7 @@ MAX_STEPS = 5
 MAX_SIDE = 2048
 MAX_TRAIN_TIMESTEPS = 1000  # SD-family models are trained on 1000 timesteps
 # Settings that need the model to be loaded again; everything else can change live.
-RELOAD_FIELDS = ("model", "vae", "device", "dtype", "attention")
+RELOAD_FIELDS = ("model", "vae", "device", "dtype", "attention", "cuda_graphs", "compile")
 # What a page or control message may change live, by the names the page uses; anything else is refused.
 LIVE_SETTINGS = (
     "prompt",
@@ -61,6 +61,9 @@ class StreamConfig:
     device: str = "auto"  # `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`
     dtype: str = "auto"  # `auto` = float16 on CUDA, float32 elsewhere
     attention: str = "sdpa"  # `sdpa` (PyTorch scaled-dot-product attention) or `xformers`
+    # GPU speed: static shape buckets with CUDA graphs, and torch.compile on the UNet (stream/graphs.py)
+    cuda_graphs: str = "auto"  # `auto` (on for CUDA, off elsewhere), `on` (CUDA only), `off`
+    compile: str = "off"  # torch.compile on the UNet: `off`, `default`, `max-autotune` (slow first frame)
 
     def __post_init__(self) -> None:
         # 1. strings that name something
@@ -138,6 +141,10 @@ class StreamConfig:
             self.similarity_threshold,
             "in [0, 1) (0 turns the filter off)",
         )
+
+        # 4. GPU speed
+        _choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
+        _choice("compile", self.compile, ("off", "default", "max-autotune"))
 
     @property
     def cfg(self) -> bool:

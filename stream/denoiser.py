@@ -23,6 +23,7 @@ from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, letterbox_geometry
 from stream.models import Components, load_model
+from stream.transfer import FrameTransfer
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class StreamDenoiser:
         self._prompt: tuple[str, str, bool] | None = None
         self._guidance_embed: torch.Tensor | None = None
         self._state = _StreamState()
+        self._transfer = FrameTransfer(self.device)  # uint8 frames up and down (pinned buffers on CUDA)
         self._set_schedule(config)
         self.prepare(config.prompt, config.negative_prompt)
 
@@ -153,7 +155,7 @@ class StreamDenoiser:
         timer = StageTimer(self.device)
         state = self._state
         with timer("preprocess"):
-            pixels = torch.from_numpy(np.ascontiguousarray(frame)).to(self.device, non_blocking=True)
+            pixels = self._transfer.upload(frame)
             if state.geometry is None or state.geometry.src != frame.shape[:2]:
                 self.reset()
                 state = self._state
@@ -242,7 +244,7 @@ class StreamDenoiser:
                 image.float(), size=geometry.src, mode="bilinear", antialias=True, align_corners=False
             )
         out = (image[0].float() * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)  # (h, w, 3)
-        return out.contiguous().cpu().numpy()
+        return self._transfer.download(out)
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Text -> (1, L, D) embeddings, tokenized and encoded as diffusers' SD pipelines do."""

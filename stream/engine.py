@@ -20,13 +20,14 @@ import torch
 
 from stream.config import ConfigError, StreamConfig
 from stream.devices import choose_cpu_convolutions, resolve_device, resolve_dtype, set_attention
+from stream.graphs import GraphRunner, compile_module, use_graphs
 from stream.models import Components
 
 logger = logging.getLogger(__name__)
 
 PROMPT_CACHE = 32  # prompt embeddings kept per engine (sessions often share prompts)
 
-_engines: weakref.WeakKeyDictionary[Any, dict[tuple[str, str, str], Engine]] = weakref.WeakKeyDictionary()
+_engines: weakref.WeakKeyDictionary[Any, dict[tuple[str, ...], Engine]] = weakref.WeakKeyDictionary()
 _engines_lock = threading.Lock()
 
 
@@ -34,12 +35,22 @@ class Engine:
     """A loaded model's UNet, VAE and text encoder on one device, called on batches."""
 
     def __init__(
-        self, components: Components, device: torch.device, dtype: torch.dtype, attention: str
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention: str,
+        graphs: bool = False,
+        compile_mode: str = "off",
     ) -> None:
         self.device, self.dtype = device, dtype
         self.name, self.placeholder = components.name, components.placeholder
         self.unet = components.unet.to(device, dtype).eval()
-        self.vae = components.vae.to(device, dtype).eval()
+        # An autoencoder whose config says force_upcast (SD's AutoencoderKL) overflows in fp16: it runs in
+        # fp32, as diffusers' pipelines run it; TAESD (AutoencoderTiny) stays in the model's dtype.
+        upcast = dtype == torch.float16 and bool(getattr(components.vae.config, "force_upcast", False))
+        self.vae_dtype = torch.float32 if upcast else dtype
+        self.vae = components.vae.to(device, self.vae_dtype).eval()
         self.text_encoder = components.text_encoder.to(device, dtype).eval()
         self.tokenizer = components.tokenizer
         self.scheduler_config = dict(components.scheduler_config)
@@ -56,18 +67,31 @@ class Engine:
         self._tokens: OrderedDict[str, Any] = OrderedDict()
         self._tokens_lock = threading.Lock()
         set_attention(self.unet, self.vae, attention)
+        self._unet_forward = compile_module(self.unet, compile_mode, graphs)
+        pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: the calls never overlap
+        self.graph_runners = (
+            {
+                name: GraphRunner(fn, name, capture=True, pool=pool)
+                for name, fn in (("unet", self._unet), ("encode", self._encode), ("decode", self._decode))
+            }
+            if graphs
+            else {}
+        )
 
     @classmethod
     def shared(cls, components: Components, config: StreamConfig) -> Engine:
         """The process's engine for these components on config's device, dtype and attention."""
         device = resolve_device(config.device)
         dtype = resolve_dtype(config.dtype, device)
-        key = (str(device), str(dtype), config.attention)
+        graphs = use_graphs(config.cuda_graphs, device)
+        key = (str(device), str(dtype), config.attention, str(graphs), config.compile)
         with _engines_lock:
             engines = _engines.setdefault(components.unet, {})
             engine = engines.get(key)
             if engine is None:
-                engine = engines[key] = cls(components, device, dtype, config.attention)
+                engine = engines[key] = cls(
+                    components, device, dtype, config.attention, graphs=graphs, compile_mode=config.compile
+                )
                 if device.type == "cpu":
                     choose_cpu_convolutions(engine.time_unet_call, config)
         return engine
@@ -75,9 +99,13 @@ class Engine:
     # ------------------------------------------------------------------ the three batched calls
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) scaled latents (AutoencoderKL: its mode, no draw)."""
-        out = self.vae.encode(images)
+        runner = self.graph_runners.get("encode")
+        return self._encode(images) if runner is None else runner(images)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        out = self.vae.encode(images.to(self.vae_dtype))
         latent = out.latents if hasattr(out, "latents") else out.latent_dist.mode()
-        return latent * self.scaling_factor
+        return (latent * self.scaling_factor).to(self.dtype)
 
     def run_unet(
         self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, timestep_cond: torch.Tensor | None
@@ -85,9 +113,18 @@ class Engine:
         """One UNet call over B rows: x (B, C, h, w), t (B,) one timestep a row, embeds (B, L, D),
         timestep_cond (B, dim) or None. Rows are independent: any mix of streams and CFG halves."""
         self.calls += 1
-        return self.unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, return_dict=False)[
-            0
-        ]
+        runner = self.graph_runners.get("unet")
+        return (
+            self._unet(x, t, embeds, timestep_cond) if runner is None else runner(x, t, embeds, timestep_cond)
+        )
+
+    def _unet(
+        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, timestep_cond: torch.Tensor | None
+    ) -> torch.Tensor:
+        out = self._unet_forward(
+            x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, return_dict=False
+        )
+        return out[0]
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) scaled latents -> (B, 3, H, W) images in [0, 1].
@@ -95,8 +132,13 @@ class Engine:
         On a CPU the rows are decoded one by one: the decoder's full-resolution convolutions run slower
         in a batch there (measured on a 2-core machine, tiny model, 4 rows of 256x256: 42-52 ms batched
         against 26-37 ms one by one). On a GPU the batch is one call."""
+        runner = self.graph_runners.get("decode")
+        return self._decode(latents) if runner is None else runner(latents)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         rows = latents.split(1) if self.device.type == "cpu" else [latents]
-        image = torch.cat([self.vae.decode(r / self.scaling_factor, return_dict=False)[0] for r in rows])
+        scaled = [(r / self.scaling_factor).to(self.vae_dtype) for r in rows]
+        image = torch.cat([self.vae.decode(r, return_dict=False)[0] for r in scaled])
         return (image / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ prompts

@@ -35,7 +35,8 @@ class StageTimer:
     """Milliseconds per stage, and the frame's wall-clock `total`.
 
     On the CPU each stage is wall-clock time. On CUDA each stage is the time between two CUDA events
-    recorded around it (no synchronization in the middle of a frame); they are read once, at `finish`.
+    recorded around it (no synchronization in the middle of a frame); they are read once, at `finish`,
+    which waits for the last stage's event only, never for the whole device.
     """
 
     def __init__(self, device: torch.device) -> None:
@@ -58,8 +59,8 @@ class StageTimer:
         self.timings[stage] = (time.perf_counter() - begin) * 1000.0
 
     def finish(self) -> dict[str, float]:
-        if self._cuda:
-            torch.cuda.synchronize()
+        if self._cuda and self._events:
+            self._events[-1][2].synchronize()  # the last stage's end: every stage before it is done too
             for stage, start, end in self._events:
                 self.timings[stage] = float(start.elapsed_time(end))
         self.timings["total"] = (time.perf_counter() - self._start) * 1000.0

@@ -253,6 +253,7 @@ def test_bench_prints_a_table_json_and_a_plot(
     out = capsys.readouterr().out.strip().splitlines()
     result = json.loads(out[-1])
     assert result["benchmark"] == "latency" and result["frames"] == 8 and result["placeholder"] is True
+    assert result["nan_frames"] == 0 and result["cuda_graphs"] is False and result["compile"] == "off"
     stages = result["latency_ms"]
     assert {"preprocess", "encode", "unet_1", "unet_2", "unet_3", "denoise", "decode", "frame"} <= set(stages)
     assert all(stages[s]["p50"] > 0 for s in stages)
