@@ -19,6 +19,7 @@ from stream.args import (
     UsageError,
     add_budget_arguments,
     add_config_arguments,
+    add_stream_batch_arguments,
     check_budget_arguments,
     config_from_args,
     configure_logging,
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         size_default="512; on a CPU, the largest offered size that holds --target-fps, measured at start-up",
     )
+    add_stream_batch_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
     run = sub.add_parser(
         "run",
@@ -159,6 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no live status line")
     add_budget_arguments(run, "auto")
     add_config_arguments(run)
+    add_stream_batch_arguments(run)
     run.set_defaults(handler=cmd_run)
     bench = sub.add_parser(
         "bench",
@@ -205,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     bench.add_argument("-v", "--verbose", action="store_true", help="log more (model loading)")
     add_config_arguments(bench)
+    add_stream_batch_arguments(bench, variants=True)
     bench.set_defaults(handler=cmd_bench)
     parser.commands = {"serve": serve, "run": run, "bench": bench}  # type: ignore[attr-defined]
     return parser
