@@ -23,6 +23,7 @@ from stream.args import (
     check_budget_arguments,
     config_from_args,
     configure_logging,
+    stream_batch_variants,
 )
 from stream.bench import BenchError
 from stream.clips import PHOTOS, ClipError
@@ -289,6 +290,8 @@ def quiet(logger_name: str) -> Iterator[None]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from stream import bench
 
+    if args.stream_batch_choice is not None or args.cfg_choice is not None:
+        return _bench_stream_batch(args)
     config = config_from_args(args)
     check_budget_arguments(args)
     if args.sessions is not None:
@@ -309,6 +312,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.report(
         summary, as_json=args.json, plot_path=args.plot, command=["stream", *sys.argv[1:]], out=sys.stdout
     )
+    return 0
+
+
+def _bench_stream_batch(args: argparse.Namespace) -> int:
+    """Stream Batch on/off and the CFG modes, every combination asked for, in one run."""
+    from stream import bench_stream_batch
+
+    if args.sessions is not None:
+        raise UsageError("--stream-batch/--cfg variants and --sessions are separate benchmarks: pick one")
+    variants = stream_batch_variants(args)
+    args.stream_batch_choice = args.cfg_choice = None  # the variants set them, one by one
+    config = config_from_args(args)
+    for variant in variants:
+        config.replace(**variant)  # each is checked before the model loads
+    bench_stream_batch.command(config, variants, args.frames, args.warmup, args.quiet)
     return 0
 
 
