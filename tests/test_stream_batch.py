@@ -294,3 +294,63 @@ def test_stream_batch_and_cfg_settings_are_checked() -> None:
         config(delta=-1.0)
     with pytest.raises(ConfigError, match="stream_batch must be true or false"):
         config(stream_batch="yes")
+
+
+# ---------------------------------------------------------------------- the command line
+def test_run_with_stream_batch_writes_no_warm_up_frames(tmp_path: Path, tiny_model_dir: Path) -> None:
+    import av
+
+    from stream.cli import main
+    from stream.media import VideoFileSink
+
+    source, out = tmp_path / "pan.mp4", tmp_path / "out.mp4"
+    sink = VideoFileSink(source, fps=24)
+    for frame in clip(8):
+        sink.write(frame)
+    sink.close()
+    size = ["--model", "tiny", "--width", "64", "--height", "64", "--device", "cpu", "-q"]
+    args = ["run", "--source", str(source), "--sink", str(out), "--steps", "3", "--strength", "0.8", *size]
+    assert main([*args, "--stream-batch", "--cfg", "self", "--guidance", "2", "--delta", "0.5"]) == 0
+    with av.open(str(out)) as container:
+        written = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+    # 8 inputs, 3 steps: the first 2 calls emit nothing and the last 2 inputs are still in flight at the end
+    assert len(written) == 6 and all(np.abs(f.astype(np.int16) - 128).max() > 0 for f in written)
+
+
+def test_bench_compares_stream_batch_and_cfg_modes_in_one_run(
+    tiny_model_dir: Path, capsys: pytest.CaptureFixture
+) -> None:
+    import json
+
+    from stream.cli import main
+
+    args = ["bench", "--model", "tiny", "--width", "64", "--height", "64", "--device", "cpu", "--steps", "3"]
+    extra = ["--guidance", "3", "--stream-batch", "on,off", "--cfg", "full,once", "--frames", "4"]
+    assert main([*args, *extra, "--warmup", "3", "-q"]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    summary = json.loads(out[-1])
+    assert "UNet calls/frame" in out[2]
+    got = {(r["stream_batch"], r["cfg"]): r for r in summary["rows"]}
+    assert set(got) == {(True, "full"), (True, "once"), (False, "full"), (False, "once")}
+    assert got[True, "full"]["unet_calls_per_frame"] == 1 and got[False, "full"]["unet_calls_per_frame"] == 3
+    assert got[True, "full"]["unet_rows_per_frame"] == 6 and got[True, "once"]["unet_rows_per_frame"] == 4
+    assert got[True, "once"]["delay_frames"] == 2 and got[False, "once"]["delay_frames"] == 0
+    assert all(r["outputs"] == 4 and r["latency_ms"]["p95"] > 0 for r in summary["rows"])
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["run", "--source", "synthetic", "--sink", "x.mp4", "--cfg", "full,self"], "lists (e.g. --cfg"),
+        (["run", "--source", "synthetic", "--sink", "x.mp4", "--cfg", "slef"], "did you mean self"),
+        (["serve", "--stream-batch", "maybe"], "--stream-batch takes on or off"),
+        (["serve", "--delta", "5"], "delta must be in [0, 2]"),
+        (["bench", "--cfg", "full,self"], "set --guidance above 1"),
+    ],
+)
+def test_bad_stream_batch_arguments(extra: list[str], words: str, capsys: pytest.CaptureFixture) -> None:
+    from stream.cli import main
+
+    assert main([*extra, "--model", "tiny", "--width", "64", "--height", "64"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
