@@ -634,7 +634,9 @@ def test_stream_batch_round_trip_with_a_live_prompt_change(
             change = np.abs(picture() - steady).mean()
             assert change > 0.5 and change > 3 * drift, (change, drift)
             # The monitor shows the delay Stream Batch adds: each output's time since its input went in.
-            latency = session.snapshot()["latency_ms"]
+            snapshot = session.snapshot()
+            assert snapshot["stream_batch"] == {"on": True, "cfg": "full", "delta": 1.0}
+            latency = snapshot["latency_ms"]
             assert latency["in_flight"]["p50"] > latency["total"]["p50"] > 0
             await client.close()
             # No warm-up frame: the first output is the first input's, and 2 calls gave nothing.

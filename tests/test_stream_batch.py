@@ -18,6 +18,7 @@ from stream.denoiser import StreamDenoiser
 from stream.engine import Engine
 from stream.models import Components, load_model
 from tests.conftest import pan_clip
+from tests.test_engine import lcm_unet_components
 
 SIZE = 64
 # float64 engine: a row alone and a row inside a larger batch agree to rounding (see test_engine.py)
@@ -187,6 +188,25 @@ def test_stream_batch_emits_input_i_as_the_reference_gives_it_with_its_label(
     per_frame = {"full": 2, "self": 1, "once": 1, "none": 1}[mode]
     assert rows[-1] == c.steps * per_frame + (mode == "once")
     assert rows[0] == per_frame + (mode == "once")  # the first call: the entering frame alone
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "lcm"])
+@pytest.mark.parametrize("guidance_unet", [False, True])
+def test_stream_batch_gives_each_input_the_frame_it_gets_without(
+    tiny_model_dir: Path, scheduler: str, guidance_unet: bool
+) -> None:
+    """Fixed noise and no feedback: each frame is its own, so Stream Batch only delays it (LCM's step
+    noises and a guidance-embedding UNet included)."""
+    model = lcm_unet_components() if guidance_unet else load_model(config())
+    engine = Engine(model, torch.device("cpu"), torch.float64, "sdpa")
+    c = config(scheduler=scheduler, guidance_scale=2.0, cfg_mode="self", steps=3)
+    on, off = StreamDenoiser(engine, c.replace(stream_batch=True)), StreamDenoiser(engine, c)
+    expected = {}
+    for i, frame in enumerate(clip(5)):
+        expected[i] = canvas(off.process(frame, tag=i))
+        result = on.process(frame, tag=i)
+        if i >= 2:
+            assert result.tag == i - 2 and diff(canvas(result), expected[i - 2]) <= TOLERANCE
 
 
 @pytest.mark.parametrize("mode", ["self", "once"])
