@@ -1,9 +1,10 @@
 """A round of several streams' frames through the shared engine together.
 
 `process_batch` takes streams that share an engine and a latent shape (equal `batch_key()`): one VAE
-encode for all, one UNet call per step for the rows of every stream still at that step, one VAE
-decode. Each stream's own work (preprocess, latent, step math, postprocess) stays on its
-StreamDenoiser; this module only gathers and splits the batched calls.
+encode for all, one UNet call per step for the rows of every stream still at that step (a stream with
+Stream Batch joins the first call with all its frames in flight), one VAE decode. Each stream's own
+work (preprocess, latent, step math, postprocess) stays on its StreamDenoiser; this module only
+gathers and splits the batched calls.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ A frame goes through numbered steps: 1. preprocess (letterbox into the model can
 filter, 2. encode (one VAE call for the batch), 3. prepare the latent (feedback blend, noise to the first
 timestep; per stream), 4. denoise (step i: one UNet call for the rows of every stream still at step i),
 5. decode (one VAE call), 6. postprocess (back to the frame's size, uint8). `process_batch` runs frames of
-several streams together (stream/batch.py); `process` is a batch of one.
+several streams together (stream/batch.py); `process` is a batch of one. A frame's rows and step math
+follow the plan it started with (stream/frame_plan.py: CFG full/self/once/none); with Stream Batch
+(`stream_batch`) step 4 is one UNet call for every frame of the stream in flight (stream/stream_batch.py).
 Synchronous; the caller owns threading.
 """
 
