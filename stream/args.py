@@ -14,6 +14,7 @@ from typing import Any, NoReturn
 
 from stream.config import (
     ATTENTION_BACKENDS,
+    CFG_MODES,
     DTYPES,
     NOISE_MODES,
     SCHEDULERS,
@@ -151,6 +152,7 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
         "height": values.get("height", StreamConfig.height),
     }
     known = known_multiple(values.get("model", StreamConfig.model), values.get("vae", StreamConfig.vae))
+    values.update(stream_batch_settings(args))
     try:
         check_sides(sides, *(known or (SD_MULTIPLE, "Stable Diffusion models")))
         config = StreamConfig(**values)
@@ -250,3 +252,75 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.compile,
         help="torch.compile on the UNet (the first frame of each size waits for the compile)",
     )
+
+
+def add_stream_batch_arguments(parser: argparse.ArgumentParser, variants: bool = False) -> None:
+    """--stream-batch, --cfg and --delta (StreamDiffusion's throughput features). `variants`: `stream
+    bench` takes comma-separated lists and measures every combination in one run."""
+    group = parser.add_argument_group("Stream Batch and residual CFG")
+    lists = " (a comma-separated list measures each, e.g. {})" if variants else ""
+    group.add_argument(
+        "--stream-batch",
+        dest="stream_batch_choice",
+        nargs="?",
+        const="on",
+        default=None,
+        metavar="on|off",
+        help="run the k steps of k consecutive frames as one UNet call (one call per frame instead of k); "
+        "each output comes k-1 frames later, with its own input's timestamp, and nothing is sent for the "
+        f"first k-1 frames (default: off){lists.format('on,off')}",
+    )
+    group.add_argument(
+        "--cfg",
+        dest="cfg_choice",
+        default=None,
+        metavar="|".join(CFG_MODES),
+        help="how guidance > 1 runs: `full` (a negative-prompt row every step), `self` (residual CFG: no "
+        "extra row), `once` (a negative-prompt row at the first step only), `none` (no guidance) "
+        f"(default: full){lists.format('full,self,once')}",
+    )
+    group.add_argument(
+        "--delta",
+        type=float,
+        default=None,
+        metavar="FLOAT",
+        help="residual CFG (--cfg self/once): scale of the residual noise used as the negative prediction, "
+        "[0, 2] (default: 1)",
+    )
+
+
+def stream_batch_variants(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Every (--stream-batch, --cfg) combination asked for, as StreamConfig fields."""
+    batch = _choices(getattr(args, "stream_batch_choice", None), "--stream-batch", ("on", "off"))
+    modes = _choices(getattr(args, "cfg_choice", None), "--cfg", CFG_MODES)
+    combos: list[dict[str, object]] = []
+    unset: list[str | None] = [None]
+    for on in batch or unset:
+        for mode in modes or unset:
+            combo: dict[str, object] = {}
+            if on is not None:
+                combo["stream_batch"] = on == "on"
+            if mode is not None:
+                combo["cfg_mode"] = mode
+            combos.append(combo)
+    return combos
+
+
+def stream_batch_settings(args: argparse.Namespace) -> dict[str, object]:
+    """The one --stream-batch / --cfg setting of `run` and `serve` (lists are for `stream bench`)."""
+    combos = stream_batch_variants(args)
+    if len(combos) > 1:
+        raise UsageError(
+            "--stream-batch and --cfg take one value here; lists (e.g. --cfg full,self) are for stream bench"
+        )
+    return combos[0]
+
+
+def _choices(text: str | None, flag: str, allowed: Sequence[str]) -> list[str]:
+    if text is None:
+        return []
+    values = [v.strip() for v in text.split(",")]
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise UsageError(f"{flag} takes {' or '.join(allowed)}, got {text!r}{did_you_mean(bad[0], allowed)}")
+    return list(dict.fromkeys(values))

@@ -1,16 +1,17 @@
 """A round of several streams' frames through the shared engine together.
 
 `process_batch` takes streams that share an engine and a latent shape (equal `batch_key()`): one VAE
-encode for all, one UNet call per step for the rows of every stream still at that step, one VAE
-decode. Each stream's own work (preprocess, latent, step math, postprocess) stays on its
-StreamDenoiser; this module only gathers and splits the batched calls.
+encode for all, one UNet call per step for the rows of every stream still at that step (a stream with
+Stream Batch joins the first call with all its frames in flight), one VAE decode. Each stream's own
+work (preprocess, latent, step math, postprocess) stays on its StreamDenoiser; this module only
+gathers and splits the batched calls.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -20,6 +21,9 @@ from stream.frames import StageTimer
 
 if TYPE_CHECKING:
     from stream.denoiser import StreamDenoiser
+    from stream.stream_batch import InFlight
+
+EMPTY = np.zeros((0, 0, 3), dtype=np.uint8)  # the frame of a result with nothing to show
 
 
 @dataclass
@@ -28,6 +32,10 @@ class FrameResult:
     timings: dict[str, float]  # ms per stage (STAGES), each step's UNet call (unet_1, ...), and "total"
     skipped: bool = False  # the similarity filter returned the previous output
     image: torch.Tensor | None = None  # the decoded canvas (1, 3, H, W) in [0, 1], before uint8
+    # Stream Batch: no frame left the pipeline on this call (its first k-1 calls, a frame the similarity
+    # filter skipped, or an out-of-order one dropped); `frame` is EMPTY and nothing should be shown
+    pending: bool = False
+    tag: Any = None  # the label given with the input this frame came from (Stream Batch: an older input)
 
 
 @dataclass
@@ -41,10 +49,13 @@ class Job:
     x: torch.Tensor | None = None  # (1, C, h, w) the sample being denoised
     noise: list[torch.Tensor] = field(default_factory=list)
     result: torch.Tensor | None = None  # the final latent
+    tag: Any = None  # the caller's label of this input
+    calls: int = 0  # UNet calls this job takes part in: its steps, or 1 with Stream Batch
+    frame: InFlight | None = None  # the frame entering the denoising
 
 
 def process_batch(
-    denoisers: Sequence[StreamDenoiser], frames: Sequence[np.ndarray]
+    denoisers: Sequence[StreamDenoiser], frames: Sequence[np.ndarray], tags: Sequence[Any] | None = None
 ) -> list[FrameResult | Exception]:
     """Frames of several streams that share an engine and a latent shape, through the model together.
 
@@ -52,6 +63,8 @@ def process_batch(
     with fewer steps leave early), one VAE decode. Returns one result per stream, in order: a
     FrameResult, or the exception that stream's own frame raised (a bad frame costs that stream only).
     An exception of a batched call propagates: the caller may run the streams one by one.
+    `tags` label the inputs (e.g. their pts): a result's `tag` is its input's (with Stream Batch, the
+    older input the frame came from).
     """
     if len({d.batch_key() for d in denoisers}) > 1:
         raise ValueError("process_batch takes streams of one engine and one size; group them by batch_key()")
@@ -63,6 +76,7 @@ def process_batch(
         except Exception as exc:  # a bad frame of one stream
             results[index] = exc
             continue
+        begun.tag = None if tags is None else tags[index]
         if isinstance(begun, FrameResult):
             results[index] = begun
         else:
@@ -85,9 +99,9 @@ def _run(engine: Engine, jobs: list[Job]) -> list[FrameResult]:
         with timer("denoise"):
             for job, latent in zip(jobs, latents.split(1), strict=True):
                 job.denoiser._start(job, latent)
-            steps = max(len(job.denoiser.timesteps) for job in jobs)
+            steps = max(job.calls for job in jobs)
             for i in range(steps):
-                active = [job for job in jobs if i < len(job.denoiser.timesteps)]
+                active = [job for job in jobs if i < job.calls]
                 rows = [job.denoiser._rows(job, i) for job in active]
                 conds = [r[3] for r in rows]
                 with timer(f"unet_{i + 1}"):
@@ -100,13 +114,14 @@ def _run(engine: Engine, jobs: list[Job]) -> list[FrameResult]:
                 for job, part in zip(active, out.split([r[0].shape[0] for r in rows]), strict=True):
                     job.denoiser._step(job, i, part)
         # 5. decode: (B, C, h, w) -> (B, 3, H, W) in [0, 1]
+        done = [job for job in jobs if job.result is not None]  # Stream Batch: maybe none left yet
+        finals = [job.result for job in jobs if job.result is not None]
         with timer("decode"):
-            images = engine.decode(torch.cat([job.result for job in jobs if job.result is not None]))
+            images = engine.decode(torch.cat(finals)).split(1) if finals else []
+        decoded = {id(job): image for job, image in zip(done, images, strict=True)}
         # 6. postprocess, per stream; the shared stages' timings are read after it (on CUDA reading them
         # waits for the device, which the frames' downloads have done by then)
-        results = [
-            job.denoiser._finish(job, image, {}) for job, image in zip(jobs, images.split(1), strict=True)
-        ]
+        results = [job.denoiser._finish(job, decoded.get(id(job)), {}) for job in jobs]
         shared = timer.finish()
         del shared["total"]
         for result in results:

@@ -20,9 +20,11 @@ from stream.args import (
     add_budget_arguments,
     add_cluster_arguments,
     add_config_arguments,
+    add_stream_batch_arguments,
     check_budget_arguments,
     config_from_args,
     configure_logging,
+    stream_batch_variants,
 )
 from stream.bench import BenchError
 from stream.clips import PHOTOS, ClipError
@@ -118,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve,
         size_default="512; on a CPU, the largest offered size that holds --target-fps, measured at start-up",
     )
+    add_stream_batch_arguments(serve)
     serve.set_defaults(handler=cmd_serve)
     run = sub.add_parser(
         "run",
@@ -161,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("-q", "--quiet", action="store_true", help="no live status line")
     add_budget_arguments(run, "auto")
     add_config_arguments(run)
+    add_stream_batch_arguments(run)
     run.set_defaults(handler=cmd_run)
     bench = sub.add_parser(
         "bench",
@@ -207,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("-q", "--quiet", action="store_true", help="no progress line")
     bench.add_argument("-v", "--verbose", action="store_true", help="log more (model loading)")
     add_config_arguments(bench)
+    add_stream_batch_arguments(bench, variants=True)
     bench.set_defaults(handler=cmd_bench)
     parser.commands = {"serve": serve, "run": run, "bench": bench}  # type: ignore[attr-defined]
     return parser
@@ -287,6 +292,8 @@ def quiet(logger_name: str) -> Iterator[None]:
 def cmd_bench(args: argparse.Namespace) -> int:
     from stream import bench
 
+    if args.stream_batch_choice is not None or args.cfg_choice is not None:
+        return _bench_stream_batch(args)
     config = config_from_args(args)
     check_budget_arguments(args)
     if args.sessions is not None:
@@ -307,6 +314,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     bench.report(
         summary, as_json=args.json, plot_path=args.plot, command=["stream", *sys.argv[1:]], out=sys.stdout
     )
+    return 0
+
+
+def _bench_stream_batch(args: argparse.Namespace) -> int:
+    """Stream Batch on/off and the CFG modes, every combination asked for, in one run."""
+    from stream import bench_stream_batch
+
+    if args.sessions is not None:
+        raise UsageError("--stream-batch/--cfg variants and --sessions are separate benchmarks: pick one")
+    variants = stream_batch_variants(args)
+    args.stream_batch_choice = args.cfg_choice = None  # the variants set them, one by one
+    config = config_from_args(args)
+    for variant in variants:
+        config.replace(**variant)  # each is checked before the model loads
+    bench_stream_batch.command(config, variants, args.frames, args.warmup, args.quiet)
     return 0
 
 

@@ -11,6 +11,7 @@ TIMESTEP_RULES = ("streaming", "diffusers")
 NOISE_MODES = ("fixed", "fresh")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+CFG_MODES = ("full", "self", "once", "none")  # how guidance > 1 is computed (see StreamConfig.cfg_mode)
 MAX_STEPS = 5
 MAX_SIDE = 2048
 MAX_TRAIN_TIMESTEPS = 1000  # SD-family models are trained on 1000 timesteps
@@ -64,6 +65,12 @@ class StreamConfig:
     # GPU speed: static shape buckets with CUDA graphs, and torch.compile on the UNet (stream/graphs.py)
     cuda_graphs: str = "auto"  # `auto` (on for CUDA, off elsewhere), `on` (CUDA only), `off`
     compile: str = "off"  # torch.compile on the UNet: `off`, `default`, `max-autotune` (slow first frame)
+    # Stream Batch and residual CFG (StreamDiffusion's throughput features)
+    stream_batch: bool = False  # the k steps of k consecutive frames as one UNet call; k-1 frames of delay
+    # how CFG runs when guidance > 1: `full` (uncond + cond rows every step), `self` (residual CFG, no
+    # extra row), `once` (one uncond row at the first step, residual after), `none` (no CFG)
+    cfg_mode: str = "full"
+    delta: float = 1.0  # residual CFG: scale of the virtual residual noise used as the negative prediction
 
     def __post_init__(self) -> None:
         # 1. strings that name something
@@ -84,6 +91,8 @@ class StreamConfig:
         _choice("timesteps", self.timesteps, TIMESTEP_RULES)
         _choice("attention", self.attention, ATTENTION_BACKENDS)
         _choice("dtype", self.dtype, DTYPES)
+        _choice("cfg_mode", self.cfg_mode, CFG_MODES)
+        _require(isinstance(self.stream_batch, bool), "stream_batch", self.stream_batch, "true or false")
         _require(isinstance(self.prompt, str), "prompt", self.prompt, "a string")
         _require(isinstance(self.negative_prompt, str), "negative_prompt", self.negative_prompt, "a string")
         _require(_is_device(self.device), "device", self.device, "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`")
@@ -146,10 +155,18 @@ class StreamConfig:
         _choice("cuda_graphs", self.cuda_graphs, ("auto", "on", "off"))
         _choice("compile", self.compile, ("off", "default", "max-autotune"))
 
+        # 5. Stream Batch and residual CFG
+        _require(
+            _is_real(self.delta) and 0.0 <= self.delta <= 2.0,
+            "delta",
+            self.delta,
+            "in [0, 2] (the residual CFG's scale of the residual noise; 1 is the paper's default)",
+        )
+
     @property
     def cfg(self) -> bool:
-        """Whether classifier-free guidance runs (an uncond + cond batch in one UNet call)."""
-        return self.guidance_scale > 1.0
+        """Whether classifier-free guidance runs (guidance > 1 and `cfg_mode` not `none`)."""
+        return self.guidance_scale > 1.0 and self.cfg_mode != "none"
 
     def replace(self, **changes: object) -> StreamConfig:
         """A validated copy with `changes` applied; unknown names are refused."""

@@ -4,25 +4,29 @@ A frame goes through numbered steps: 1. preprocess (letterbox into the model can
 filter, 2. encode (one VAE call for the batch), 3. prepare the latent (feedback blend, noise to the first
 timestep; per stream), 4. denoise (step i: one UNet call for the rows of every stream still at step i),
 5. decode (one VAE call), 6. postprocess (back to the frame's size, uint8). `process_batch` runs frames of
-several streams together (stream/batch.py); `process` is a batch of one.
+several streams together (stream/batch.py); `process` is a batch of one. A frame's rows and step math
+follow the plan it started with (stream/frame_plan.py: CFG full/self/once/none); with Stream Batch
+(`stream_batch`) step 4 is one UNet call for every frame of the stream in flight (stream/stream_batch.py).
 Synchronous; the caller owns threading.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stream import schedule, temporal
-from stream.batch import FrameResult, Job, process_batch
+from stream import frame_plan, schedule, temporal
+from stream.batch import EMPTY, FrameResult, Job, process_batch
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, letterbox_geometry
 from stream.models import Components, load_model
+from stream.stream_batch import InFlight, StreamBatch
 from stream.transfer import FrameTransfer
 
 logger = logging.getLogger(__name__)
@@ -51,6 +55,7 @@ class _StreamState:
     last_input: torch.Tensor | None = None  # uint8 frame the model last ran on
     last_output: np.ndarray | None = None
     skips: int = 0  # frames skipped in a row
+    pipeline: StreamBatch = field(default_factory=StreamBatch)  # Stream Batch's frames in flight
 
 
 class StreamDenoiser:
@@ -67,6 +72,7 @@ class StreamDenoiser:
         self._embeds: torch.Tensor | None = None  # (2 or 1, L, D) [uncond, cond] or [cond]
         self._prompt: tuple[str, str, bool] | None = None
         self._guidance_embed: torch.Tensor | None = None
+        self._plan: frame_plan.Plan | None = None  # what a frame starting now is denoised with
         self._state = _StreamState()
         self._transfer = FrameTransfer(self.device)  # uint8 frames up and down (pinned buffers on CUDA)
         self._set_schedule(config)
@@ -91,6 +97,7 @@ class StreamDenoiser:
         key = (prompt, negative_prompt, cfg)
         if key == self._prompt and self._embeds is not None:
             return
+        self._plan = None
         cond = self.encode_prompt(prompt)
         self._embeds = torch.cat([self.encode_prompt(negative_prompt), cond]) if cfg else cond
         self._prompt = key
@@ -104,6 +111,7 @@ class StreamDenoiser:
             )
         self.engine.check_size(config.width, config.height)
         old, self.config = self.config, config
+        self._plan = None  # frames already in flight (Stream Batch) keep theirs
         if (config.steps, config.strength, config.scheduler, config.timesteps) != (
             old.steps,
             old.strength,
@@ -123,7 +131,7 @@ class StreamDenoiser:
             old.scheduler,
         ):
             self._state.noise, self._state.generator = [], None
-        if (config.width, config.height) != (old.width, old.height):
+        if (config.width, config.height, config.stream_batch) != (old.width, old.height, old.stream_batch):
             self.reset()
         if config.guidance_scale != old.guidance_scale:
             self._guidance_embed = None
@@ -138,9 +146,10 @@ class StreamDenoiser:
     def __call__(self, frame: np.ndarray) -> np.ndarray:
         return self.process(frame).frame
 
-    def process(self, frame: np.ndarray) -> FrameResult:
-        """One frame through the whole pipeline (a batch of one), with per-stage timings."""
-        (result,) = process_batch([self], [frame])
+    def process(self, frame: np.ndarray, tag: object = None) -> FrameResult:
+        """One frame through the whole pipeline (a batch of one), with per-stage timings. With Stream
+        Batch the result is an older input's frame (its `tag` is that input's), or `pending`."""
+        (result,) = process_batch([self], [frame], [tag])
         if isinstance(result, BaseException):
             raise result
         return result
@@ -165,6 +174,8 @@ class StreamDenoiser:
                 self.skipped += 1
                 self.frames += 1
                 assert state.last_output is not None
+                if self.config.stream_batch:  # nothing enters, nothing leaves: the last output stays shown
+                    return FrameResult(EMPTY, timer.finish(), skipped=True, pending=True)
                 return FrameResult(state.last_output, timer.finish(), skipped=True)
             image = self.preprocess(pixels, state.geometry)
         return Job(self, pixels, image, timer)
@@ -172,56 +183,49 @@ class StreamDenoiser:
     # 3. the latent: blend with the previous output, noise to the first timestep
     def _start(self, job: Job, latent: torch.Tensor) -> None:
         state = self._state
+        plan = self.plan()
         latent = temporal.feedback_blend(latent, state.prev_latent, self.config.latent_feedback)
         job.noise = self._noise(latent, state)
-        job.x = schedule.add_noise(latent, job.noise[0], self._schedule.alphas[0])
+        job.x = schedule.add_noise(latent, job.noise[0], plan.schedule.alphas[0])
+        job.frame = InFlight(job.tag, plan, job.x, latent, job.noise, entered=job.timer.started)
+        job.calls = 1 if self.config.stream_batch else plan.steps
 
-    def _rows(self, job: Job, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Step i's UNet rows for this stream: (x, t, embeds, timestep_cond), 2 rows with CFG, else 1."""
-        assert job.x is not None and self._embeds is not None
-        rows = self._embeds.shape[0]
-        x = job.x.expand(rows, -1, -1, -1)
-        t = self._t[i].expand(rows)
-        cond = self._timestep_cond(job.x)
-        return x, t, self._embeds, None if cond is None else cond.expand(rows, -1)
+    def _rows(self, job: Job, i: int) -> frame_plan.Rows:
+        """Step i's UNet rows for this stream: (x, t, embeds, timestep_cond), 2 rows with full CFG, else 1;
+        with Stream Batch, the rows of every frame in flight and of the one entering, in one call."""
+        assert job.frame is not None
+        if self.config.stream_batch:
+            return self._state.pipeline.rows(job.frame)
+        return job.frame.rows()
 
     # 4. step i from this stream's rows of the UNet output
     def _step(self, job: Job, i: int, out: torch.Tensor) -> None:
-        assert job.x is not None
-        sched = self._schedule
-        if self._uses_cfg_batch(self.config):
-            uncond, text = out.chunk(2)
-            out = schedule.cfg_combine(uncond, text, self.config.guidance_scale)
-        pred_type = self.engine.scheduler_config.get("prediction_type", "epsilon")
-        last = i + 1 == len(sched.timesteps)
-        if sched.c_skip is not None and sched.c_out is not None:
-            step_noise = None if last else job.noise[i + 1]
-            job.x, denoised = schedule.lcm_step(
-                job.x, out, sched.alphas[i], sched.alphas_prev[i], sched.c_skip[i], sched.c_out[i],
-                step_noise, pred_type, self._clip_sample,
-            )  # fmt: skip
-            if last:
-                job.result = denoised  # LCM's result is its denoised sample
+        frame = job.frame
+        assert frame is not None
+        if self.config.stream_batch:
+            left = self._state.pipeline.advance(frame, out)
+            job.frame = left  # the frame that leaves, an older input's; None in the first k-1 calls
         else:
-            job.x, _ = schedule.ddim_step(
-                job.x, out, sched.alphas[i], sched.alphas_prev[i], pred_type, self._clip_sample
-            )
-            if last:
-                job.result = job.x  # DDIM's last step lands on x_0 (t_prev < 0)
-        if last:
-            assert job.result is not None
-            self._state.prev_latent = job.result
+            frame.commit(frame.advanced(out))
+        job.x = frame.x
+        if job.frame is not None and job.frame.result is not None:
+            job.result = self._state.prev_latent = job.frame.result
 
     # 6. postprocess
-    def _finish(self, job: Job, image: torch.Tensor, shared: dict[str, float]) -> FrameResult:
+    def _finish(self, job: Job, image: torch.Tensor | None, shared: dict[str, float]) -> FrameResult:
         state = self._state
         assert state.geometry is not None
+        state.last_input = job.pixels  # the newest input that went in: the similarity filter's reference
+        self.frames += 1
+        if image is None or job.frame is None:  # Stream Batch: nothing left the pipeline this call
+            return FrameResult(EMPTY, {**shared, **job.timer.finish()}, pending=True)
         with job.timer("postprocess"):
             out = self.postprocess(image, state.geometry)
-        state.last_input, state.last_output, state.skips = job.pixels, out, 0
-        self.frames += 1
-        timings = job.timer.finish()
-        return FrameResult(out, {**shared, **timings}, image=image)
+        state.last_output, state.skips = out, 0
+        timings = {**shared, **job.timer.finish()}
+        if self.config.stream_batch:  # from its input's call to this one: the delay Stream Batch adds
+            timings["in_flight"] = (time.perf_counter() - job.frame.entered) * 1000.0
+        return FrameResult(out, timings, image=image, tag=job.frame.tag)
 
     def preprocess(self, pixels: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """(h, w, 3) uint8 on the device -> (1, 3, H, W) in [-1, 1], letterboxed into the model canvas."""
@@ -291,6 +295,7 @@ class StreamDenoiser:
             c_out=None if c_out is None else on_device(c_out),
         )
         self._t = [torch.tensor([t], device=self.device) for t in timesteps]
+        self._plan = None
         clip = sc.get("clip_sample", False)
         self._clip_sample = float(sc.get("clip_sample_range", 1.0)) if clip else None
 
@@ -300,16 +305,40 @@ class StreamDenoiser:
         return self._schedule.timesteps
 
     def _uses_cfg_batch(self, config: StreamConfig) -> bool:
-        """CFG as an [uncond, cond] batch, unless the UNet takes the guidance scale as an embedding (LCM)."""
-        return config.cfg and self.engine.time_cond_dim is None
+        """Whether frames have negative-prompt rows: CFG `full`, or `once` (first step); a UNet that takes
+        the guidance scale as an embedding (LCM) gets it that way instead."""
+        return self._cfg_mode(config) in ("full", "once")
 
-    def _timestep_cond(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _cfg_mode(self, config: StreamConfig) -> str:
+        guidance_embedding = self.engine.time_cond_dim is not None
+        return frame_plan.effective_mode(config.cfg_mode, config.guidance_scale, guidance_embedding)
+
+    def plan(self) -> frame_plan.Plan:
+        """What a frame starting now is denoised with (made again after a settings change)."""
+        if self._plan is None:
+            assert self._embeds is not None
+            config = self.config
+            self._plan = frame_plan.Plan(
+                schedule=self._schedule,
+                t=tuple(self._t),
+                cond=self._embeds[-1:],
+                pair=self._embeds if self._embeds.shape[0] == 2 else None,
+                guidance_embed=self._timestep_cond(),
+                guidance_scale=config.guidance_scale,
+                mode=self._cfg_mode(config),
+                delta=config.delta,
+                prediction_type=self.engine.scheduler_config.get("prediction_type", "epsilon"),
+                clip_sample=self._clip_sample,
+            )
+        return self._plan
+
+    def _timestep_cond(self) -> torch.Tensor | None:
         dim = self.engine.time_cond_dim
         if dim is None:
             return None
         if self._guidance_embed is None:
             w = torch.tensor([self.config.guidance_scale - 1.0])
-            self._guidance_embed = schedule.guidance_scale_embedding(w, dim).to(self.device, x.dtype)
+            self._guidance_embed = schedule.guidance_scale_embedding(w, dim).to(self.device, self.dtype)
         return self._guidance_embed
 
     def _noise(self, latent: torch.Tensor, state: _StreamState) -> list[torch.Tensor]:

@@ -192,7 +192,7 @@ class Engine:
 
     def time_unet_call(self, config: StreamConfig, repeat: int) -> float:
         """Best wall-clock seconds of `repeat` UNet calls at config's size (CFG rows included)."""
-        rows = 2 if config.cfg and self.time_cond_dim is None else 1
+        rows = 2 if config.cfg and config.cfg_mode == "full" and self.time_cond_dim is None else 1
         h, w = config.height // self.vae_factor, config.width // self.vae_factor
         x = torch.zeros(rows, self.latent_channels, h, w, device=self.device, dtype=self.dtype)
         embeds = self.encode_prompt("").expand(rows, -1, -1)

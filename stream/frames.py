@@ -45,6 +45,11 @@ class StageTimer:
         self._events: list[tuple[str, Any, Any]] = []
         self.timings: dict[str, float] = {}
 
+    @property
+    def started(self) -> float:
+        """time.perf_counter() when the frame started."""
+        return self._start
+
     @contextlib.contextmanager
     def __call__(self, stage: str) -> Iterator[None]:
         if self._cuda:

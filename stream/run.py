@@ -50,6 +50,12 @@ def run_loop(
                         controller.drop_level(str(exc))
                         denoiser.update(controller.apply(requested))
             result = denoiser.process(frame)
+            if controller is not None and not result.skipped:
+                change = controller.observe(result.timings["total"])
+                if change is not None:
+                    logger.warning("adaptive: %s -> %s: %s", change["from"], change["to"], change["reason"])
+            if result.pending:  # Stream Batch: nothing left the pipeline yet (or a skipped input)
+                continue
             out = result.frame
             if size is None:
                 size = out.shape[:2]
@@ -58,10 +64,6 @@ def run_loop(
             sink.write(out)
             frames += 1
             monitor.frame_out(result.timings, result.skipped)
-            if controller is not None and not result.skipped:
-                change = controller.observe(result.timings["total"])
-                if change is not None:
-                    logger.warning("adaptive: %s -> %s: %s", change["from"], change["to"], change["reason"])
             line.update(frames, stats, denoiser.skipped, getattr(source, "drops", 0))
             if getattr(sink, "closed_by_user", False):
                 break

@@ -207,3 +207,31 @@ def guidance_scale_embedding(w: torch.Tensor, embedding_dim: int) -> torch.Tenso
     if embedding_dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb  # (B, embedding_dim)
+
+
+# ---------------------------------------------------------------------- residual CFG (StreamDiffusion)
+def residual_noise(sample: torch.Tensor, reference: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """The virtual residual noise eps' = (x_tau - sqrt(a_tau) x_0) / sqrt(1 - a_tau): the noise that takes
+    the reference latent x_0 to the current sample at this timestep (StreamDiffusion, arXiv 2312.12491,
+    sec. 3.2 "Residual Classifier-Free Guidance"). Self-negative RCFG takes the input latent as x_0 (at the
+    first step eps' is then the stream's own noise); onetime-negative takes `negative_x0`."""
+    alpha = alpha.to(device=sample.device, dtype=sample.dtype)
+    return (sample - alpha.sqrt() * reference) / (1 - alpha).sqrt()
+
+
+def negative_x0(sample: torch.Tensor, noise_uncond: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """x_0 denoised with the negative condition at the first step, (x_tau0 - sqrt(1 - a) eps_neg) / sqrt(a):
+    onetime-negative RCFG's reference for every later residual (arXiv 2312.12491, sec. 3.2); its residual
+    at the first step is eps_neg itself."""
+    alpha = alpha.to(device=sample.device, dtype=sample.dtype)
+    return (sample - (1 - alpha).sqrt() * noise_uncond) / alpha.sqrt()
+
+
+def rcfg_combine(
+    noise_cond: torch.Tensor, residual: torch.Tensor, guidance_scale: float, delta: float
+) -> torch.Tensor:
+    """Residual CFG delta eps' + w (eps_c - delta eps') (arXiv 2312.12491, sec. 3.2): CFG whose negative
+    prediction is the virtual residual noise eps' scaled by the magnitude moderation coefficient delta,
+    so that no UNet row is spent on the negative condition. delta = 0 leaves w eps_c."""
+    negative = delta * residual
+    return negative + guidance_scale * (noise_cond - negative)

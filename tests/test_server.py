@@ -27,6 +27,7 @@ from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.models import load_model
 from stream.server import StreamServer
+from stream.server.session import Session
 from tests.conftest import pan_clip
 
 MODEL_SIZE = 128
@@ -569,3 +570,85 @@ def test_frame_end_jitter_buffer_releases_a_frame_at_its_last_packet() -> None:
     assert buffer.add(packet(105, 9000, False, b"f"))[1] is None
     _, frame = buffer.add(packet(106, 12000, False, b"g"))
     assert frame is not None and frame.data == b"f" and frame.timestamp == 9000
+
+
+class RecordingDenoiser(StreamDenoiser):
+    """A StreamDenoiser that notes each input's frame ID (the page's stamp) and its pts on the server."""
+
+    def __init__(self, components: Any, config: StreamConfig) -> None:
+        super().__init__(components, config)
+        self.input_pts: dict[int, int] = {}
+        self.calls = 0
+
+    def process(self, frame: np.ndarray, tag: object = None) -> FrameResult:
+        self.calls += 1
+        frame_id = stamp.read(frame)
+        if frame_id is not None and tag is not None:
+            self.input_pts[frame_id] = tag.frame.pts  # type: ignore[attr-defined]
+        return super().process(frame, tag)
+
+
+def test_stream_batch_round_trip_with_a_live_prompt_change(
+    tiny_model_dir: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stream Batch at 3 steps: nothing is sent for the first 2 frames, each output carries its own input's
+    pts and frame ID (not the newest input's), and a prompt and strength change mid-stream reaches the
+    output."""
+    components = load_model(CONFIG)
+    config = CONFIG.replace(stream_batch=True, steps=3)
+    delivered: list[tuple[int | None, int | None]] = []  # (pts, frame ID) of each output, on the server
+    deliver = Session.deliver
+
+    def recording(self: Session, processed: Any, timings: dict[str, float], skipped: bool) -> None:
+        if not self.closed:
+            delivered.append((processed.pts, stamp.read(processed.frame)))
+        deliver(self, processed, timings, skipped)
+
+    monkeypatch.setattr(Session, "deliver", recording)
+
+    async def main() -> None:
+        server = StreamServer(
+            config, lambda c: RecordingDenoiser(components, c), model_name="tiny", placeholder=True
+        )
+        async with running(server) as url:
+            client = Client([stamp.stamp(INPUT.copy(), i + 1) for i in range(400)])
+            await client.connect(url, stamp=True)
+            await client.wait_frames(6)
+            session = server.sessions[client.session]
+            denoiser = session.denoiser
+            assert isinstance(denoiser, RecordingDenoiser) and session.output is not None
+
+            def picture() -> np.ndarray:  # the output below the frame-ID patch, which changes every frame
+                assert session.output is not None
+                return session.output.frame[stamp.PATCH :].astype(np.int16)
+
+            steady = picture()
+            count = session.monitor.out.count
+            await until(lambda: session.monitor.out.count >= count + 2)
+            drift = np.abs(picture() - steady).mean()
+            changes = {"prompt": "a neon city at night", "strength": 1.0}
+            reply = await client.send({"type": "settings", **changes})
+            assert reply == {"type": "applied", "settings": changes}
+            count = session.monitor.out.count
+            await until(lambda: session.monitor.out.count >= count + 4)  # 2 frames in flight, then new ones
+            change = np.abs(picture() - steady).mean()
+            assert change > 0.5 and change > 3 * drift, (change, drift)
+            # The monitor shows the delay Stream Batch adds: each output's time since its input went in.
+            snapshot = session.snapshot()
+            assert snapshot["stream_batch"] == {"on": True, "cfg": "full", "delta": 1.0}
+            latency = snapshot["latency_ms"]
+            assert latency["in_flight"]["p50"] > latency["total"]["p50"] > 0
+            await client.close()
+            # No warm-up frame: the first output is the first input's, and 2 calls gave nothing.
+            ids = [frame_id for _, frame_id in delivered]
+            assert len(delivered) <= denoiser.calls - 2
+            first_in = min(denoiser.input_pts, key=lambda i: denoiser.input_pts[i])
+            if ids[0] is not None:
+                assert ids[0] == first_in, (ids[:5], first_in)
+            # Each output carries the pts of the input it came from, in order.
+            known = [(pts, i) for pts, i in delivered if i is not None and i in denoiser.input_pts]
+            assert len(known) >= 0.8 * len(delivered)
+            assert all(pts == denoiser.input_pts[i] for pts, i in known), known[:5]
+            assert [i for _, i in known] == sorted(i for _, i in known)
+
+    asyncio.run(main())

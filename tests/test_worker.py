@@ -126,6 +126,30 @@ def test_a_round_batches_sessions_of_one_size(components: Components, batching: 
     assert small[0].output is not None and small[0].output.frame.shape == FRAME.shape
 
 
+def test_stream_batch_sessions_share_one_call_a_round_and_keep_their_inputs_pts(
+    components: Components,
+) -> None:
+    sessions = [session(f"sb{i}", CONFIG.replace(stream_batch=True, steps=3, seed=i)) for i in range(2)]
+    sent: dict[str, list[int | None]] = {s.id: [] for s in sessions}
+    for s in sessions:
+        deliver = s.deliver
+
+        def recording(
+            processed: Any, timings: Any, skipped: bool, s: Session = s, deliver: Any = deliver
+        ) -> None:
+            sent[s.id].append(processed.pts)
+            deliver(processed, timings, skipped)
+
+        s.deliver = recording  # type: ignore[method-assign]
+    engine = Engine.shared(components, CONFIG)
+    before = engine.calls
+    worker, failed = run_worker(lambda c: StreamDenoiser(components, c), sessions, 5)
+    assert not failed and worker.failure is None
+    assert engine.calls - before == 5  # one UNet call a round for both sessions' frames in flight
+    # nothing for the first 2 rounds; then inputs 0, 1, 2 with their own pts (3000 a frame)
+    assert all(sent[s.id] == [0, 3000, 6000] for s in sessions), sent
+
+
 # ---------------------------------------------------------------------- failures
 class Failing:
     """A denoiser that fails every frame, as an out-of-memory error would."""

@@ -164,6 +164,12 @@ class Session:
             "adaptive": self.adaptive_state,
             "stamp": self.stamp,
             "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
+            # Stream Batch delays each output by steps - 1 frames (`in_flight` in latency_ms shows it)
+            "stream_batch": {
+                "on": self.config.stream_batch,
+                "cfg": self.config.cfg_mode,
+                "delta": self.config.delta,
+            },
         }
 
 

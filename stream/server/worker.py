@@ -49,6 +49,21 @@ class _Frame:
     taken: float  # time.monotonic() when the round took it from the slot
     result: FrameResult | Exception | None = None
 
+    @property
+    def source(self) -> _Source:
+        return _Source(self.frame, self.pixels, self.arrival, self.taken)
+
+
+@dataclass(frozen=True)
+class _Source:
+    """What an output needs of the input it came from (with Stream Batch, an input of an earlier round):
+    its timestamp, its pixels (the stamp's frame ID) and its wait in the slot."""
+
+    frame: av.VideoFrame
+    pixels: np.ndarray
+    arrival: float
+    taken: float
+
 
 class ModelWorker:
     """The one thread that owns the model: each round, the newest frame of every session, batched."""
@@ -193,7 +208,11 @@ class ModelWorker:
     def _run_group(self, group: list[_Frame]) -> None:
         if len(group) > 1:
             try:
-                results = process_batch([f.denoiser for f in group], [f.pixels for f in group])  # type: ignore[misc]
+                results = process_batch(
+                    [f.denoiser for f in group],  # type: ignore[misc]
+                    [f.pixels for f in group],
+                    [f.source for f in group],
+                )
             except Exception as exc:  # e.g. out of memory at this batch size: one by one instead
                 logger.warning("a batch of %d sessions failed (%s): running them one by one", len(group), exc)
             else:
@@ -202,7 +221,10 @@ class ModelWorker:
                 return
         for item in group:
             try:
-                item.result = item.denoiser.process(item.pixels)
+                if hasattr(item.denoiser, "batch_key"):  # a StreamDenoiser: the input rides with its frame
+                    item.result = item.denoiser.process(item.pixels, item.source)  # type: ignore[call-arg]
+                else:
+                    item.result = item.denoiser.process(item.pixels)
             except Exception as exc:
                 item.result = exc
 
@@ -214,26 +236,36 @@ class ModelWorker:
             self._failed(session, result or RuntimeError("no result"))
             return
         session.failures = 0
+        if result.pending:  # Stream Batch: nothing left the pipeline this round; nothing is sent
+            if not result.skipped:
+                self._observe(session, result, round_ms)
+            return
         try:
             self._send(item, result, round_ms)
         except Exception as exc:  # encoding, stamping, the virtual camera: this frame only
             self._failed(session, exc)
 
+    def _observe(self, session: Session, result: FrameResult, round_ms: float) -> None:
+        """The model ran for this session: its time, and the adaptive controller's judgement of the round."""
+        if self.on_frame is not None:
+            self.on_frame(result.timings["total"] / 1000.0)
+        change = session.adaptive.observe(round_ms)
+        if change is not None:
+            session.publish_adaptive()
+            before, after = (_level(change[k]) for k in ("from", "to"))
+            logger.info("session %s: adaptive %s -> %s: %s", session.id, before, after, change["reason"])
+
     def _send(self, item: _Frame, result: FrameResult, round_ms: float) -> None:
-        session, pixels, frame = item.session, item.pixels, item.frame
+        # The input this output came from: this round's, or with Stream Batch an earlier round's.
+        source = result.tag if isinstance(result.tag, _Source) else item.source
+        session, pixels, frame = item.session, source.pixels, source.frame
         out = result.frame
         if session.stamp and out.shape == pixels.shape:
             out = stamp.copy_patch(pixels, out.copy())
-        timings = {**result.timings, "wait": (item.taken - item.arrival) * 1000.0}
+        timings = {**result.timings, "wait": (source.taken - source.arrival) * 1000.0}
         if not result.skipped:
-            if self.on_frame is not None:
-                self.on_frame(result.timings["total"] / 1000.0)
             timings["round"] = round_ms
-            change = session.adaptive.observe(round_ms)
-            if change is not None:
-                session.publish_adaptive()
-                before, after = (_level(change[k]) for k in ("from", "to"))
-                logger.info("session %s: adaptive %s -> %s: %s", session.id, before, after, change["reason"])
+            self._observe(session, result, round_ms)
         if self.on_output is not None:
             try:
                 self.on_output(session, out)
