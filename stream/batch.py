@@ -41,6 +41,11 @@ class Job:
     x: torch.Tensor | None = None  # (1, C, h, w) the sample being denoised
     noise: list[torch.Tensor] = field(default_factory=list)
     result: torch.Tensor | None = None  # the final latent
+    control: torch.Tensor | None = None  # (1, 3, H, W) the ControlNet's conditioning image in [0, 1]
+
+
+# A stream's rows of one UNet call: x, t, embeds, timestep_cond, extra (per-row added conditioning)
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]
 
 
 def process_batch(
@@ -90,12 +95,14 @@ def _run(engine: Engine, jobs: list[Job]) -> list[FrameResult]:
                 active = [job for job in jobs if i < len(job.denoiser.timesteps)]
                 rows = [job.denoiser._rows(job, i) for job in active]
                 conds = [r[3] for r in rows]
+                extra = {key: torch.cat([r[4][key] for r in rows]) for key in rows[0][4]}
                 with timer(f"unet_{i + 1}"):
                     out = engine.run_unet(
                         torch.cat([r[0] for r in rows]),
                         torch.cat([r[1] for r in rows]),
                         torch.cat([r[2] for r in rows]),
                         None if conds[0] is None else torch.cat([c for c in conds if c is not None]),
+                        extra or None,
                     )
                 for job, part in zip(active, out.split([r[0].shape[0] for r in rows]), strict=True):
                     job.denoiser._step(job, i, part)

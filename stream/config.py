@@ -15,7 +15,7 @@ MAX_STEPS = 5
 MAX_SIDE = 2048
 MAX_TRAIN_TIMESTEPS = 1000  # SD-family models are trained on 1000 timesteps
 # Settings that need the model to be loaded again; everything else can change live.
-RELOAD_FIELDS = ("model", "vae", "device", "dtype", "attention")
+RELOAD_FIELDS = ("model", "vae", "device", "dtype", "attention", "lora", "controlnet")
 # What a page or control message may change live, by the names the page uses; anything else is refused.
 LIVE_SETTINGS = (
     "prompt",
@@ -27,7 +27,10 @@ LIVE_SETTINGS = (
     "latent_feedback",
     "width",  # a new size applies from the next frame (the server may offer only some sizes)
     "height",
+    "lora_scale",  # the LoRAs are fused into the model every session shares: a change applies to all
+    "controlnet_conditioning_scale",
 )
+CONTROL_MODES = ("canny", "none")  # how a ControlNet's conditioning image is made from each frame
 
 
 class ConfigError(ValueError):
@@ -61,6 +64,12 @@ class StreamConfig:
     device: str = "auto"  # `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`
     dtype: str = "auto"  # `auto` = float16 on CUDA, float32 elsewhere
     attention: str = "sdpa"  # `sdpa` (PyTorch scaled-dot-product attention) or `xformers`
+    # LoRA and ControlNet (models/lora.py, models/controlnet.py, control.py)
+    lora: tuple[str, ...] = ()  # LoRAs fused into the model, each `SOURCE[:SCALE]` (file, folder, hub id)
+    lora_scale: float = 1.0  # overall LoRA scale (each LoRA's own scale times this), re-fused on change
+    controlnet: str = ""  # a ControlNet folder / hub id / file, or `random`; empty = none
+    control: str = "canny"  # the conditioning image from each frame: `canny` edges, `none` = the frame
+    controlnet_conditioning_scale: float = 1.0  # how strongly the ControlNet steers, in [0, 5]
 
     def __post_init__(self) -> None:
         # 1. strings that name something
@@ -68,7 +77,8 @@ class StreamConfig:
             isinstance(self.model, str) and self.model.strip() != "",
             "model",
             self.model,
-            "a hub id, a local folder or file, `tiny`, `random:sd-turbo`, `random:sd15` or `auto`",
+            "a hub id, a local folder or file, `tiny`, `random:sd-turbo`, `random:sd15`, `random:sdxl-turbo` "
+            "or `auto`",
         )
         _require(
             isinstance(self.vae, str) and self.vae.strip() != "",
@@ -137,6 +147,28 @@ class StreamConfig:
             "similarity_threshold",
             self.similarity_threshold,
             "in [0, 1) (0 turns the filter off)",
+        )
+
+        # 4. LoRA and ControlNet
+        _require(
+            isinstance(self.lora, tuple) and all(isinstance(x, str) and x.strip() for x in self.lora),
+            "lora",
+            self.lora,
+            "a tuple of `SOURCE[:SCALE]` strings",
+        )
+        _require(
+            _is_real(self.lora_scale) and -4.0 <= self.lora_scale <= 4.0,
+            "lora_scale",
+            self.lora_scale,
+            "in [-4, 4]",
+        )
+        _require(isinstance(self.controlnet, str), "controlnet", self.controlnet, "a string")
+        _choice("control", self.control, CONTROL_MODES)
+        _require(
+            _is_real(self.controlnet_conditioning_scale) and 0.0 <= self.controlnet_conditioning_scale <= 5.0,
+            "controlnet_conditioning_scale",
+            self.controlnet_conditioning_scale,
+            "in [0, 5]",
         )
 
     @property

@@ -17,12 +17,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stream import schedule, temporal
-from stream.batch import FrameResult, Job, process_batch
+from stream import control, schedule, temporal
+from stream.batch import FrameResult, Job, Rows, process_batch
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, letterbox_geometry
-from stream.models import Components, load_model
+from stream.models import Components, load_model, sdxl
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,9 @@ _OUTPUT_SETTINGS = (
     "steps",
     "seed",
     "latent_feedback",
+    "lora_scale",
+    "control",
+    "controlnet_conditioning_scale",
 )
 
 
@@ -64,6 +67,7 @@ class StreamDenoiser:
         self.frames = 0
         self.skipped = 0
         self._embeds: torch.Tensor | None = None  # (2 or 1, L, D) [uncond, cond] or [cond]
+        self._pooled: torch.Tensor | None = None  # SDXL: (2 or 1, P) pooled embeddings, rows as _embeds
         self._prompt: tuple[str, str, bool] | None = None
         self._guidance_embed: torch.Tensor | None = None
         self._state = _StreamState()
@@ -89,8 +93,11 @@ class StreamDenoiser:
         key = (prompt, negative_prompt, cfg)
         if key == self._prompt and self._embeds is not None:
             return
-        cond = self.encode_prompt(prompt)
-        self._embeds = torch.cat([self.encode_prompt(negative_prompt), cond]) if cfg else cond
+        if self.engine.family == "sdxl":
+            self._embeds, self._pooled = sdxl.prompt_rows(self.engine, prompt, negative_prompt, cfg)
+        else:
+            cond = self.encode_prompt(prompt)
+            self._embeds = torch.cat([self.encode_prompt(negative_prompt), cond]) if cfg else cond
         self._prompt = key
 
     def update(self, config: StreamConfig) -> None:
@@ -113,6 +120,10 @@ class StreamDenoiser:
             except ConfigError:
                 self.config = old
                 raise
+        if config.lora_scale != old.lora_scale and self.engine.lora is not None:
+            if self.engine.lora.set_scale(config.lora_scale):  # between frames, for every stream of the model
+                self.engine.forget_prompts()
+            self._prompt = None  # a text encoder LoRA changes the embeddings
         self.prepare(config.prompt, config.negative_prompt)
         if (config.seed, config.noise, config.steps, config.scheduler) != (
             old.seed,
@@ -165,7 +176,11 @@ class StreamDenoiser:
                 assert state.last_output is not None
                 return FrameResult(state.last_output, timer.finish(), skipped=True)
             image = self.preprocess(pixels, state.geometry)
-        return Job(self, pixels, image, timer)
+        job = Job(self, pixels, image, timer)
+        if self.engine.controlnet is not None:
+            with timer("control"):  # the ControlNet's conditioning image, from the canvas
+                job.control = control.condition_image(image, self.config.control)
+        return job
 
     # 3. the latent: blend with the previous output, noise to the first timestep
     def _start(self, job: Job, latent: torch.Tensor) -> None:
@@ -174,14 +189,20 @@ class StreamDenoiser:
         job.noise = self._noise(latent, state)
         job.x = schedule.add_noise(latent, job.noise[0], self._schedule.alphas[0])
 
-    def _rows(self, job: Job, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Step i's UNet rows for this stream: (x, t, embeds, timestep_cond), 2 rows with CFG, else 1."""
+    def _rows(self, job: Job, i: int) -> Rows:
+        """Step i's UNet rows for this stream: (x, t, embeds, timestep_cond, extra), 2 rows with CFG, else
+        1; `extra`: SDXL's pooled embeddings and time ids, the ControlNet's image and scale."""
         assert job.x is not None and self._embeds is not None
         rows = self._embeds.shape[0]
         x = job.x.expand(rows, -1, -1, -1)
         t = self._t[i].expand(rows)
         cond = self._timestep_cond(job.x)
-        return x, t, self._embeds, None if cond is None else cond.expand(rows, -1)
+        extra: dict[str, torch.Tensor] = {}
+        if self._pooled is not None:
+            extra.update(sdxl.added_conditioning(self._pooled, self.config.height, self.config.width))
+        if job.control is not None:
+            extra.update(control.control_rows(job.control, self.config.controlnet_conditioning_scale, rows))
+        return x, t, self._embeds, None if cond is None else cond.expand(rows, -1), extra
 
     # 4. step i from this stream's rows of the UNet output
     def _step(self, job: Job, i: int, out: torch.Tensor) -> None:

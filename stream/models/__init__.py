@@ -31,7 +31,9 @@ from stream.models.builtin import (
     ensure_tiny_model,
     random_arch_configs,
 )
+from stream.models.controlnet import load_controlnet
 from stream.models.hub import load_auto, load_pipeline, load_single_file, load_vae, quiet_libraries
+from stream.models.lora import load_loras
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,10 @@ def load_model(config: StreamConfig) -> Components:
     dtype = resolve_dtype(config.dtype, device)
     components = load_components(config.model, device, dtype)
     components.vae = load_vae(config.vae, components, device, dtype)
+    if config.controlnet:
+        components.controlnet = load_controlnet(config.controlnet, components, dtype)
+    if config.lora:
+        components.lora = load_loras(config.lora, components, config.lora_scale)
     logger.info("loaded %s on %s (%s)", components.name, device, str(dtype).removeprefix("torch."))
     if components.placeholder and config.model != "auto":  # `auto` said so already, with the reason
         logger.warning("running the %s", PLACEHOLDER_NOTE)

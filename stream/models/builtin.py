@@ -165,6 +165,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 def random_arch_configs(arch: str) -> dict[str, dict[str, Any]]:
     """UNet, VAE, text encoder and scheduler configs of a full-size architecture (for speed, not images)."""
     sd2 = arch == "sd-turbo"
+    if arch == "sdxl-turbo":
+        from stream.models.sdxl import random_configs
+
+        return random_configs()
     if arch not in RANDOM_ARCHS:
         raise ModelError(
             f"unknown random architecture '{arch}'; use one of "
@@ -220,6 +224,10 @@ def build_random(arch: str, device: torch.device, dtype: torch.dtype) -> Compone
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if arch == "sdxl-turbo":
+        from stream.models.sdxl import build_random as build_random_sdxl
+
+        return build_random_sdxl(device, dtype)
     configs = random_arch_configs(arch)
     logger.info("building random:%s (full-size architecture, random weights) on %s", arch, device)
     with seeded(0), device:
