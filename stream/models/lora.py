@@ -6,8 +6,10 @@ A LoRA that does not fit the model (another family, other layer names or sizes) 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -36,14 +38,19 @@ def parse_lora(text: str) -> tuple[str, float]:
 class FusedLoras:
     """LoRAs fused into a model's modules; `set_scale` re-fuses them at a new overall scale."""
 
-    def __init__(self, pipe: Any, names: list[str], components: list[str], scale: float) -> None:
-        self._pipe, self.names, self.components = pipe, names, components
+    def __init__(
+        self, pipe: Any, names: list[str], weights: list[float], components: list[str], scale: float
+    ) -> None:
+        self._pipe, self.names, self.weights, self.components = pipe, names, weights, components
         self.scale = scale
         self._lock = threading.Lock()
         self._fuse(scale)
 
     def _fuse(self, scale: float) -> None:
-        self._pipe.fuse_lora(components=self.components, lora_scale=scale, adapter_names=self.names)
+        # Each adapter's weight set absolutely (fuse_lora's own lora_scale sticks to the layers: a fuse at
+        # 0 could never come back), then merged into the base weights.
+        self._pipe.set_adapters(self.names, adapter_weights=[w * scale for w in self.weights])
+        self._pipe.fuse_lora(components=self.components, lora_scale=1.0, adapter_names=self.names)
 
     def set_scale(self, scale: float) -> bool:
         """Re-fuse at `scale` (unfuse, fuse); False when it already is. The caller runs this between
@@ -61,6 +68,8 @@ def load_loras(specs: tuple[str, ...], components: Components, scale: float) -> 
     """Load every `SOURCE[:SCALE]` into the components' modules (in place) and fuse them at `scale`."""
     if not specs:
         return None
+    if importlib.util.find_spec("peft") is None:
+        raise ModelError("--lora needs the peft package: pip install peft (or the `lora` extra)")
     pipe = _pipeline(components)
     names: list[str] = []
     weights: list[float] = []
@@ -70,13 +79,12 @@ def load_loras(specs: tuple[str, ...], components: Components, scale: float) -> 
         _load_one(pipe, source, name, components)
         names.append(name)
         weights.append(weight)
-    pipe.set_adapters(names, adapter_weights=weights)
     adapters = pipe.get_list_adapters()
     targets = [
         c for c in ("unet", "text_encoder", "text_encoder_2") if any(n in adapters.get(c, []) for n in names)
     ]
     logger.info("fused %d LoRA(s) into %s at scale %g", len(names), ", ".join(targets), scale)
-    return FusedLoras(pipe, names, targets, scale)
+    return FusedLoras(pipe, names, weights, targets, scale)
 
 
 def _load_one(pipe: Any, source: str, name: str, components: Components) -> None:
@@ -88,19 +96,38 @@ def _load_one(pipe: Any, source: str, name: str, components: Components) -> None
         where = str(path)
     elif source.startswith((".", "/", "~")) or path.suffix == ".safetensors":
         raise ModelError(f"LoRA '{source}' does not exist; give a .safetensors file, a folder or a hub id")
+    import diffusers
+
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity(logging.CRITICAL)  # its multi-line error: ours says it in one
     try:
         pipe.load_lora_weights(where, adapter_name=name, **kwargs)
     except Exception as exc:
         raise ModelError(
             f"LoRA '{source}' does not match the model {components.name}, which is "
-            f"{family_words(components)}: {first_line(exc)}. Give a LoRA trained for this model's family"
+            f"{family_words(components)}: {_mismatch(exc)}. Give a LoRA trained for this model's family"
         ) from exc
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
     adapters = pipe.get_list_adapters()
     if not any(name in names for names in adapters.values()):
         raise ModelError(
             f"LoRA '{source}' has no layer this model has (the model is {family_words(components)}); "
             "give a LoRA trained for this model's family"
         )
+
+
+def _mismatch(exc: BaseException) -> str:
+    """The first layer whose shape differs, in a few words, else the error's first line."""
+    found = re.search(
+        r"size mismatch for (\S+): copying a param with shape torch.Size\(\[([^\]]*)\]\) from checkpoint, "
+        r"the shape in current model is torch.Size\(\[([^\]]*)\]\)",
+        str(exc),
+    )
+    if found is None:
+        return first_line(exc)
+    layer, theirs, ours = found.groups()
+    return f"its layer {layer} is [{theirs}] where the model's is [{ours}]"
 
 
 def _pipeline(components: Components) -> Any:
