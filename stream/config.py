@@ -77,8 +77,8 @@ class StreamConfig:
             isinstance(self.model, str) and self.model.strip() != "",
             "model",
             self.model,
-            "a hub id, a local folder or file, `tiny`, `random:sd-turbo`, `random:sd15`, `random:sdxl-turbo` "
-            "or `auto`",
+            "a hub id, a local folder or file, `tiny`, `tiny-sdxl`, `random:sd-turbo`, `random:sd15`, "
+            "`random:sdxl-turbo` or `auto`",
         )
         _require(
             isinstance(self.vae, str) and self.vae.strip() != "",

@@ -125,3 +125,26 @@ def test_vae_tiny_on_sdxl_asks_for_taesdxl_and_float16_upcasts_the_autoencoder(s
     engine = Engine(components, torch.device("cpu"), torch.float16, "sdpa")
     assert engine.vae_dtype == torch.float32 and next(engine.vae.parameters()).dtype == torch.float32
     assert next(engine.unet.parameters()).dtype == torch.float16
+
+
+def test_built_in_tiny_sdxl_runs_through_the_same_loading_path() -> None:
+    cfg = StreamConfig(model="tiny-sdxl", width=64, height=64, device="cpu", steps=1, guidance_scale=2.0)
+    denoiser = StreamDenoiser.from_pretrained("tiny-sdxl", cfg)
+    assert denoiser.engine.family == "sdxl" and denoiser.placeholder
+    assert denoiser.engine.vae_factor == 8 and denoiser.engine.vae.config.force_upcast
+    result = denoiser.process(photo("coffee")[:48, :80])
+    assert result.frame.shape == (48, 80, 3)
+
+
+def test_a_single_file_checkpoint_is_told_sdxl_by_its_tensor_names(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from stream.models.hub import _single_file_family
+
+    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.zeros(2)}, tmp_path / "xl.safetensors")
+    save_file({"cond_stage_model.transformer.x": torch.zeros(2)}, tmp_path / "sd.safetensors")
+    assert _single_file_family(tmp_path / "xl.safetensors") == "sdxl"
+    assert _single_file_family(tmp_path / "sd.safetensors") == "sd"
+    with pytest.raises(ModelError) as info:  # offline, its SDXL config is not in the cache
+        load_model(StreamConfig(model=str(tmp_path / "xl.safetensors"), device="cpu"))
+    assert "\n" not in str(info.value) and "SDXL" in str(info.value)

@@ -34,6 +34,7 @@ from stream.models.builtin import (
 from stream.models.controlnet import load_controlnet
 from stream.models.hub import load_auto, load_pipeline, load_single_file, load_vae, quiet_libraries
 from stream.models.lora import load_loras
+from stream.models.sdxl import TINY_SDXL_VERSION, build_tiny_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype) -> Com
     quiet_libraries()
     if model == "tiny":
         return load_pipeline(str(ensure_tiny_model()), dtype, name="tiny (built-in)", placeholder=True)
+    if model == "tiny-sdxl":
+        folder = str(ensure_tiny_model(TINY_SDXL_VERSION, build_tiny_sdxl_pipeline))
+        return load_pipeline(folder, dtype, name="tiny-sdxl (built-in)", placeholder=True)
     if model.startswith("random:"):
         return build_random(model.removeprefix("random:"), device, dtype)
     if model == "auto":

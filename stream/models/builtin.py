@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STREAM_CACHE", Path.home() / ".cache" / "stream"))
 
 
-def ensure_tiny_model() -> Path:
+def ensure_tiny_model(version: str = TINY_MODEL_VERSION, build: Callable[[], Any] | None = None) -> Path:
     """The built-in tiny pipeline folder, written once (seeded, so every machine gets the same weights)."""
-    target = cache_dir() / "models" / TINY_MODEL_VERSION
+    target = cache_dir() / "models" / version
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("writing the built-in tiny model to %s", target)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp)
+        (build or build_tiny_pipeline)().save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical

@@ -12,6 +12,7 @@ from stream.models.base import Components, ModelError, seeded
 
 logger = logging.getLogger(__name__)
 
+TINY_SDXL_VERSION = "tiny-sdxl-v1"  # the built-in tiny SDXL model's cache folder
 TAESDXL_MODEL = "madebyollin/taesdxl"  # real TAESDXL weights for `--vae tiny` on a real SDXL model
 # Pipeline classes (model_index.json's `_class_name`) by the family this stream runs them as.
 PIPELINE_FAMILIES = {
@@ -114,6 +115,73 @@ def added_conditioning(pooled: torch.Tensor, height: int, width: int) -> dict[st
     (original size, crop top-left, target size = the canvas), as the img2img pipeline makes them."""
     ids = torch.tensor([[height, width, 0, 0, height, width]], dtype=pooled.dtype, device=pooled.device)
     return {"text_embeds": pooled, "time_ids": ids.expand(pooled.shape[0], -1)}  # (rows, P), (rows, 6)
+
+
+# ---------------------------------------------------------------------- the built-in tiny SDXL model
+def build_tiny_sdxl_pipeline() -> Any:
+    """`--model tiny-sdxl`: a seeded random-weight SDXL pipeline that runs on a CPU (the SDXL code path:
+    two text encoders, pooled embeddings, time ids; an AutoencoderKL that downsamples by 8 and asks for
+    force_upcast like SDXL's). Shaped for speed, not images: its output is not a picture of anything."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from stream.models.builtin import build_tokenizer
+
+    text = CLIPTextConfig(
+        vocab_size=1000,
+        hidden_size=32,
+        intermediate_size=37,
+        num_hidden_layers=5,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        projection_dim=32,
+    )
+    with seeded(0):
+        unet = UNet2DConditionModel(
+            sample_size=32,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=1,
+            block_out_channels=(32, 64),
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            attention_head_dim=(2, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # six time ids, then the pooled text
+            cross_attention_dim=64,  # both text encoders side by side
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            latent_channels=4,
+            layers_per_block=1,
+            block_out_channels=(4, 8, 8, 8),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            norm_num_groups=4,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        text_encoder = CLIPTextModel(text)
+        text_encoder_2 = CLIPTextModelWithProjection(text)
+    scheduler = DDIMScheduler(**{**random_configs()["scheduler"]})
+    return StableDiffusionXLPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        text_encoder_2=text_encoder_2.eval(),
+        tokenizer=build_tokenizer(),
+        tokenizer_2=build_tokenizer(),
+        unet=unet.eval(),
+        scheduler=scheduler,
+    )
 
 
 # ---------------------------------------------------------------------- full-size random architecture
