@@ -156,3 +156,18 @@ def test_sdxl_runs_with_its_controlnet_and_random_controlnet_fits_the_tiny_model
     tiny = StreamConfig(model="tiny", controlnet="random", width=128, height=128, device="cpu", steps=1)
     out = StreamDenoiser.from_pretrained("tiny", tiny).process(photo("coffee")[:96, :160])
     assert out.frame.shape == (96, 160, 3)
+
+
+def test_controlnet_benchmark_quick_run(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from benchmarks import controlnet as bench
+
+    argv = ["--model", "tiny", "--device", "cpu", "--width", "64", "--height", "64", "--frames", "2"]
+    assert bench.main([*argv, "--warmup", "1", "--steps", "1"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["benchmark"] == "controlnet" and report["model"] == "tiny (built-in)"
+    for name in bench.VARIANTS:
+        assert report[name]["frame"]["p50_ms"] > 0 and report[name]["unet_p50_ms"] > 0
+    assert report["alone"]["control_p50_ms"] == 0.0 and report["canny_ms_p50"] > 0.0
+    assert report["command"].startswith("python -m benchmarks.controlnet --model tiny")

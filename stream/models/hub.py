@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -86,20 +87,38 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def load_pipeline(
     source: str, dtype: torch.dtype, name: str, placeholder: bool = False, local_files_only: bool = False
 ) -> Components:
-    from diffusers import DiffusionPipeline
-
-    try:
-        index = DiffusionPipeline.load_config(source, local_files_only=local_files_only)
-    except Exception as exc:  # diffusers raises OSError, ValueError, HTTP errors... all mean "cannot load"
-        raise _not_loaded(source, exc) from exc
-    family = family_of(index.get("_class_name"), source)
+    class_name = _pipeline_class_name(source, local_files_only)
+    family = "sd" if class_name is None else family_of(class_name, source)
     try:
         pipe = pipeline_class(family).from_pretrained(
             source, dtype=dtype, local_files_only=local_files_only, **_no_safety_checker(family)
         )
-    except Exception as exc:
+    except Exception as exc:  # diffusers raises OSError, ValueError, HTTP errors... all mean "cannot load"
         raise _not_loaded(source, exc) from exc
     return _from_pipeline(pipe, name, placeholder, family)
+
+
+def _pipeline_class_name(source: str, local_files_only: bool) -> str | None:
+    """model_index.json's `_class_name` (a local folder, the cache, else the hub when allowed); None when
+    it cannot be read: the pipeline's own loading then says why."""
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "model_index.json")
+            if isinstance(cached, str):
+                index = Path(cached)
+            elif local_files_only or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+                return None
+            else:
+                index = Path(hf_hub_download(source, "model_index.json"))
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except Exception:
+        return None
+    return str(name) if name else None
 
 
 def _not_loaded(source: str, exc: BaseException) -> ModelError:
