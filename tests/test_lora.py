@@ -146,3 +146,18 @@ def test_several_loras_add_up(tiny_model_dir: Path, lora_file: Path) -> None:
     twice = StreamDenoiser.from_pretrained("tiny", config(lora=halves)).process(frame).image
     assert once is not None and twice is not None
     torch.testing.assert_close(twice, once, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "changes,words",
+    [
+        ({"lora_scale": 9.0}, "lora_scale must be in [-4, 4]"),
+        ({"lora": ["a.safetensors"]}, "lora must be a tuple"),
+        ({"control": "depth"}, "control must be one of canny, none"),
+    ],
+)
+def test_adapter_settings_are_checked(changes: dict[str, object], words: str) -> None:
+    from stream.config import ConfigError
+
+    with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
+        StreamConfig(**changes)  # type: ignore[arg-type]
