@@ -161,3 +161,11 @@ def test_adapter_settings_are_checked(changes: dict[str, object], words: str) ->
 
     with pytest.raises(ConfigError, match=words.replace("[", r"\[").replace("]", r"\]")):
         StreamConfig(**changes)  # type: ignore[arg-type]
+
+
+def test_a_lora_that_cannot_be_found_says_so(tiny_model_dir: Path) -> None:
+    with pytest.raises(ModelError) as info:  # the tests run with HF_HUB_OFFLINE=1
+        StreamDenoiser.from_pretrained("tiny", config(lora=("someone/not-cached-lora",)))
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("could not load LoRA 'someone/not-cached-lora'")
+    assert "does not match" not in message

@@ -19,6 +19,9 @@ from stream.models.sdxl import family_words
 
 logger = logging.getLogger(__name__)
 
+# What diffusers / peft say when a LoRA's layers do not fit the model's
+MISMATCH_WORDS = ("size mismatch", "state_dict", "target modules", "Target modules", "shape")
+
 
 def parse_lora(text: str) -> tuple[str, float]:
     """`SOURCE[:SCALE]` -> (source, scale); the scale is 1 when not given. A colon inside the source (a
@@ -103,6 +106,13 @@ def _load_one(pipe: Any, source: str, name: str, components: Components) -> None
     try:
         pipe.load_lora_weights(where, adapter_name=name, **kwargs)
     except Exception as exc:
+        if not any(words in str(exc) for words in MISMATCH_WORDS):  # not found, not readable, offline...
+            from stream.models.hub import why_not_loaded
+
+            raise ModelError(
+                f"could not load LoRA '{source}': it {why_not_loaded(source, exc)}. Give a .safetensors "
+                "file, a folder or a cached hub id"
+            ) from exc
         raise ModelError(
             f"LoRA '{source}' does not match the model {components.name}, which is "
             f"{family_words(components)}: {_mismatch(exc)}. Give a LoRA trained for this model's family"
