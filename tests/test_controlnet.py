@@ -143,6 +143,9 @@ def test_a_controlnet_of_another_family_is_refused_in_one_line(folders: dict[str
         load_model(config(folders, controlnet=str(folders["controlnet-sdxl"])))
     message = str(info.value)
     assert "\n" not in message and "is for SDXL" in message and "cross-attention 32" in message
+    with pytest.raises(ModelError) as info:  # offline: not in the cache
+        load_model(config(folders, controlnet="someone/not-cached-controlnet"))
+    assert str(info.value).startswith("could not load controlnet 'someone/not-cached-controlnet': it is not")
 
 
 def test_sdxl_runs_with_its_controlnet_and_random_controlnet_fits_the_tiny_model(

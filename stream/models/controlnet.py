@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from stream.models.base import SINGLE_FILE_SUFFIXES, Components, ModelError, first_line, seeded
+from stream.models.base import SINGLE_FILE_SUFFIXES, Components, ModelError, seeded
 from stream.models.sdxl import family_words, unet_family_words
 
 logger = logging.getLogger(__name__)
@@ -29,9 +29,11 @@ def load_controlnet(spec: str, components: Components, dtype: torch.dtype) -> An
         else:
             controlnet = ControlNetModel.from_pretrained(spec, dtype=dtype)
     except Exception as exc:
+        from stream.models.hub import why_not_loaded
+
         raise ModelError(
-            f"could not load controlnet '{spec}': {first_line(exc)}. Give a ControlNetModel folder (with "
-            "config.json), a cached hub id such as lllyasviel/sd-controlnet-canny, or `random`"
+            f"could not load controlnet '{spec}': it {why_not_loaded(spec, exc)}. Give a ControlNetModel "
+            "folder (with config.json), a cached hub id such as lllyasviel/sd-controlnet-canny, or `random`"
         ) from exc
     check_family(controlnet, components, spec)
     return controlnet
