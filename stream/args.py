@@ -31,8 +31,8 @@ CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
         "model",
         str,
         "hub id, local diffusers folder, single-file checkpoint, `tiny` (built-in, random "
-        "weights, runs on a CPU), `tiny-sdxl` (the same for SDXL), `random:sd-turbo` / `random:sd15` / "
-        "`random:sdxl-turbo` (full size, random weights, for speed), or "
+        "weights, runs on a CPU), `random:sd-turbo` / `random:sd15` / `random:sdxl-turbo` (full size, "
+        "random weights, for speed), `tiny-sdxl` (the built-in tiny model's SDXL twin), or "
         "`auto` (stabilityai/sd-turbo when cached or downloadable, else tiny with a warning)",
     ),
     (
