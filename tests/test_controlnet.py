@@ -118,12 +118,14 @@ def test_canny_and_none_conditioning_images() -> None:
 
 
 def test_controlnet_stream_is_the_same_alone_or_batched(folders: dict[str, Path]) -> None:
-    """The engine's shared alone-vs-batched check with a ControlNet: each row its image and scale."""
-    engine = Engine(load_model(config(folders)), torch.device("cpu"), torch.float32, "sdpa")
+    """The engine's shared alone-vs-batched check with a ControlNet: each row its image and scale (the
+    built-in tiny model with a random ControlNet: 4x4 latents, fast)."""
+    tiny = {"model": "tiny", "controlnet": "random"}
+    engine = Engine(load_model(config(folders, **tiny)), torch.device("cpu"), torch.float32, "sdpa")
     scales = (1.0, 0.5, 1.5, 0.0)
     modes = ("canny", "none", "canny", "canny")
     configs = [
-        config(folders, controlnet_conditioning_scale=s, control=m, **r)
+        config(folders, controlnet_conditioning_scale=s, control=m, **tiny, **r)
         for r, s, m in zip(MIXED, scales, modes, strict=True)
     ]
     alone = [StreamDenoiser(engine, c) for c in configs]
@@ -157,8 +159,11 @@ def test_sdxl_runs_with_its_controlnet_and_random_controlnet_fits_the_tiny_model
     result = StreamDenoiser.from_pretrained(cfg.model, cfg).process(square_photo())
     assert result.frame.shape == (SIZE, SIZE, 3) and "control" in result.timings
     tiny = StreamConfig(model="tiny", controlnet="random", width=128, height=128, device="cpu", steps=1)
-    out = StreamDenoiser.from_pretrained("tiny", tiny).process(photo("coffee")[:96, :160])
-    assert out.frame.shape == (96, 160, 3)
+    frame = photo("coffee")[:96, :160]
+    canny = StreamDenoiser.from_pretrained("tiny", tiny).process(frame)
+    none = StreamDenoiser.from_pretrained("tiny", tiny.replace(control="none")).process(frame)
+    assert canny.frame.shape == (96, 160, 3)
+    assert np.abs(canvas(canny) - canvas(none)).max() > 0.05  # the conditioning image matters
 
 
 def test_controlnet_benchmark_quick_run(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:

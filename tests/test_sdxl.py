@@ -86,10 +86,11 @@ def test_sdxl_prompt_and_time_ids_condition_the_output(sdxl_dir: Path) -> None:
 
 
 def test_sdxl_stream_is_the_same_alone_or_batched(sdxl_dir: Path) -> None:
-    """The engine's shared alone-vs-batched check, on SDXL (pooled embeddings and time ids per row)."""
-    components = load_model(config(sdxl_dir))
+    """The engine's shared alone-vs-batched check, on SDXL (pooled embeddings and time ids per row), with
+    the built-in tiny SDXL model (8x8 latents: fast)."""
+    components = load_model(config(sdxl_dir, model="tiny-sdxl"))
     engine = Engine(components, torch.device("cpu"), torch.float32, "sdpa")
-    configs = [config(sdxl_dir, **r) for r in MIXED]
+    configs = [config(sdxl_dir, model="tiny-sdxl", **r) for r in MIXED]
     alone = [StreamDenoiser(engine, c) for c in configs]
     together = [StreamDenoiser(engine, c) for c in configs]
     for frame in frames(2):

@@ -65,8 +65,8 @@ def check_family(controlnet: Any, components: Components, spec: str) -> None:
 
 def random_controlnet(components: Components) -> Any:
     """A ControlNet shaped like the model's UNet (its weights copied, as ControlNet training starts),
-    its zero convolutions given small seeded random weights: for speed measurements and tests; its
-    effect is not a trained one."""
+    its zero convolutions (the conditioning image's last one too) given small seeded random weights: for
+    speed measurements and tests; its effect is not a trained one."""
     from diffusers import ControlNetModel
 
     blocks = getattr(components.vae.config, "encoder_block_out_channels", None)
@@ -75,7 +75,13 @@ def random_controlnet(components: Components) -> Any:
     with seeded(0):
         controlnet = ControlNetModel.from_unet(components.unet, conditioning_embedding_out_channels=channels)
         with torch.no_grad():
-            zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
-            for conv in zero_convs:
+            # variance-keeping init in the conditioning image's embedding, so that the image (not only
+            # the latent) changes the output, as in the built-in tiny model's autoencoder
+            embedding = controlnet.controlnet_cond_embedding
+            for conv in embedding.modules():
+                if isinstance(conv, torch.nn.Conv2d):
+                    torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            torch.nn.init.normal_(embedding.conv_out.weight, std=0.1)
+            for conv in [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]:
                 torch.nn.init.normal_(conv.weight, std=0.02)
     return controlnet.to(components.unet.dtype).eval()
