@@ -169,3 +169,13 @@ def test_a_lora_that_cannot_be_found_says_so(tiny_model_dir: Path) -> None:
     message = str(info.value)
     assert "\n" not in message and message.startswith("could not load LoRA 'someone/not-cached-lora'")
     assert "does not match" not in message
+
+
+def test_adapter_scales_are_live_settings_and_the_adapters_are_not() -> None:
+    from stream.config import ConfigError
+    from stream.server.session import apply_settings
+
+    new = apply_settings(StreamConfig(), {"lora_scale": 0.5, "controlnet_conditioning_scale": 0.3})
+    assert (new.lora_scale, new.controlnet_conditioning_scale) == (0.5, 0.3)
+    with pytest.raises(ConfigError, match="unknown setting"):
+        apply_settings(StreamConfig(), {"controlnet": "random"})
