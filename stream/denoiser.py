@@ -68,7 +68,7 @@ class StreamDenoiser:
         self.skipped = 0
         self._embeds: torch.Tensor | None = None  # (2 or 1, L, D) [uncond, cond] or [cond]
         self._pooled: torch.Tensor | None = None  # SDXL: (2 or 1, P) pooled embeddings, rows as _embeds
-        self._prompt: tuple[str, str, bool] | None = None
+        self._prompt: tuple[str, str, bool, int] | None = None
         self._guidance_embed: torch.Tensor | None = None
         self._state = _StreamState()
         self._set_schedule(config)
@@ -90,7 +90,7 @@ class StreamDenoiser:
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
         """Encode and cache the prompt embeddings; a no-op when the prompt has not changed."""
         cfg = self._uses_cfg_batch(self.config)
-        key = (prompt, negative_prompt, cfg)
+        key = (prompt, negative_prompt, cfg, self.engine.prompt_version)
         if key == self._prompt and self._embeds is not None:
             return
         if self.engine.family == "sdxl":
@@ -120,10 +120,9 @@ class StreamDenoiser:
             except ConfigError:
                 self.config = old
                 raise
-        if config.lora_scale != old.lora_scale and self.engine.lora is not None:
-            if self.engine.lora.set_scale(config.lora_scale):  # between frames, for every stream of the model
-                self.engine.forget_prompts()
-            self._prompt = None  # a text encoder LoRA changes the embeddings
+        lora = self.engine.lora  # fused into the model: a new scale is re-fused for every stream of it
+        if config.lora_scale != old.lora_scale and lora is not None and lora.set_scale(config.lora_scale):
+            self.engine.forget_prompts()  # a text encoder LoRA changes the embeddings
         self.prepare(config.prompt, config.negative_prompt)
         if (config.seed, config.noise, config.steps, config.scheduler) != (
             old.seed,
@@ -176,6 +175,9 @@ class StreamDenoiser:
                 assert state.last_output is not None
                 return FrameResult(state.last_output, timer.finish(), skipped=True)
             image = self.preprocess(pixels, state.geometry)
+        self.prepare(
+            self.config.prompt, self.config.negative_prompt
+        )  # no-op unless the embeddings went stale
         job = Job(self, pixels, image, timer)
         if self.engine.controlnet is not None:
             with timer("control"):  # the ControlNet's conditioning image, from the canvas

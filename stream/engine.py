@@ -47,10 +47,8 @@ class Engine:
         self.text_encoder = components.text_encoder.to(device, dtype).eval()
         self.tokenizer = components.tokenizer
         # SDXL's second text encoder, a ControlNet, fused LoRAs (models/sdxl.py, control.py, models/lora.py)
-        self.family, self.force_zeros_for_empty_prompt = (
-            components.family,
-            components.force_zeros_for_empty_prompt,
-        )
+        self.family = components.family
+        self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
         self.text_encoder_2 = _on(components.text_encoder_2, device, dtype)
         self.tokenizer_2 = components.tokenizer_2
         self.controlnet = _on(components.controlnet, device, dtype)
@@ -66,6 +64,7 @@ class Engine:
         self.alphas_cumprod = _alphas_cumprod(self.scheduler_config)
         self.calls = 0  # UNet calls so far (benchmarks count them per round)
         self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.prompt_version = 0  # bumped when cached embeddings go stale (a LoRA re-fused)
         self._tokens: OrderedDict[str, Any] = OrderedDict()
         self._tokens_lock = threading.Lock()
         set_attention(self.unet, self.vae, attention)
@@ -187,8 +186,10 @@ class Engine:
         return embeds, pooled
 
     def forget_prompts(self) -> None:
-        """Drop the cached prompt embeddings (the text encoder's weights changed: a LoRA re-fused)."""
+        """Drop the cached prompt embeddings (the text encoder's weights changed: a LoRA re-fused); every
+        stream of the engine re-encodes its prompt on its next frame."""
         self._prompts.clear()
+        self.prompt_version += 1
 
     # ------------------------------------------------------------------ checks and measurements
     def check_size(self, width: int, height: int) -> None:

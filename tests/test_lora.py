@@ -119,9 +119,13 @@ def test_lora_scale_is_live_and_refuses_back(tiny_model_dir: Path, lora_file: Pa
     frame = square_photo()
     plain = StreamDenoiser.from_pretrained("tiny", config()).process(frame).image
     denoiser = StreamDenoiser.from_pretrained("tiny", config(lora=(str(lora_file.parent),)))
+    other = StreamDenoiser(denoiser.engine, denoiser.config)  # another session of the same model
     full = denoiser.process(frame).image
     denoiser.update(denoiser.config.replace(lora_scale=0.0))
     off = denoiser.process(frame).image
+    other_off = other.process(frame).image  # the fused LoRA is the model's: every session sees the change
+    assert other_off is not None and plain is not None
+    torch.testing.assert_close(other_off, plain, atol=1e-4, rtol=0)
     denoiser.update(denoiser.config.replace(lora_scale=1.0))
     again = denoiser.process(frame).image
     assert full is not None and off is not None and again is not None and plain is not None
