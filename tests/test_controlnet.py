@@ -150,6 +150,61 @@ def test_a_controlnet_of_another_family_is_refused_in_one_line(folders: dict[str
     assert str(info.value).startswith("could not load controlnet 'someone/not-cached-controlnet': it is not")
 
 
+def test_sdxl_controlnet_matches_sdxl_controlnet_img2img_pipeline(tmp_path: Path) -> None:
+    from diffusers import StableDiffusionXLControlNetImg2ImgPipeline
+
+    pipe_parts = sdxl_pipeline()
+    pipe_parts.save_pretrained(tmp_path / "sdxl")
+    torch.manual_seed(0)
+    net = ControlNetModel.from_unet(pipe_parts.unet, conditioning_embedding_out_channels=(16, 32))
+    with torch.no_grad():  # give the zero convolutions weights, as diffusers' tests do
+        for conv in [
+            net.controlnet_cond_embedding.conv_out,
+            *net.controlnet_down_blocks,
+            net.controlnet_mid_block,
+        ]:
+            torch.nn.init.normal_(conv.weight, std=0.1)
+    net.save_pretrained(tmp_path / "controlnet")
+    cfg = StreamConfig(
+        model=str(tmp_path / "sdxl"),
+        controlnet=str(tmp_path / "controlnet"),
+        width=SIZE,
+        height=SIZE,
+        steps=2,
+        strength=0.6,
+        guidance_scale=5.0,
+        controlnet_conditioning_scale=0.8,
+        device="cpu",
+        prompt="a watercolor cup",
+        seed=3,
+        timesteps="diffusers",
+    )
+    denoiser = StreamDenoiser.from_pretrained(cfg.model, cfg)
+    pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
+        str(tmp_path / "sdxl"), controlnet=ControlNetModel.from_pretrained(str(tmp_path / "controlnet"))
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    frame = square_photo()
+    edges = cv2.Canny(frame, 100, 200)
+    with torch.inference_mode():
+        latent = denoiser.engine.encode(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1.0)
+        expected = pipe(
+            prompt=cfg.prompt,
+            image=latent,
+            control_image=Image.fromarray(np.stack([edges] * 3, axis=-1)),
+            strength=cfg.strength,
+            num_inference_steps=schedule.inference_steps_for(cfg.steps, cfg.strength),
+            guidance_scale=cfg.guidance_scale,
+            controlnet_conditioning_scale=cfg.controlnet_conditioning_scale,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            output_type="pt",
+        ).images
+    ours = denoiser.process(frame).image
+    assert ours is not None
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
 def test_sdxl_runs_with_its_controlnet_and_random_controlnet_fits_the_tiny_model(
     folders: dict[str, Path], tmp_path: Path, tiny_model_dir: Path
 ) -> None:
