@@ -15,6 +15,7 @@ from typing import Any, NoReturn
 from stream.config import (
     ATTENTION_BACKENDS,
     CFG_MODES,
+    CONTROL_MODES,
     DTYPES,
     NOISE_MODES,
     SCHEDULERS,
@@ -31,15 +32,16 @@ CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
         "model",
         str,
         "hub id, local diffusers folder, single-file checkpoint, `tiny` (built-in, random "
-        "weights, runs on a CPU), `random:sd-turbo` / `random:sd15` (full size, random weights, "
-        "for speed), or "
+        "weights, runs on a CPU), `random:sd-turbo` / `random:sd15` / `random:sdxl-turbo` (full size, "
+        "random weights, for speed), `tiny-sdxl` (the built-in tiny model's SDXL twin), or "
         "`auto` (stabilityai/sd-turbo when cached or downloadable, else tiny with a warning)",
     ),
     (
         "--vae",
         "vae",
         str,
-        "`auto` (the model's own), `tiny` (TAESD-shaped AutoencoderTiny), or a path / hub id",
+        "`auto` (the model's own), `tiny` (TAESD-shaped AutoencoderTiny; TAESDXL for SDXL), or a path / hub "
+        "id (e.g. an fp16-safe SDXL VAE)",
     ),
     ("--prompt", "prompt", str, "text prompt"),
     ("--negative-prompt", "negative_prompt", str, "negative prompt (used when --guidance > 1)"),
@@ -140,6 +142,45 @@ def add_config_arguments(parser: argparse.ArgumentParser, size_default: str | No
             flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=text
         )
     add_speed_arguments(parser)
+    add_adapter_arguments(parser)
+
+
+def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
+    """LoRA and ControlNet: what is added to the model, and how strongly."""
+    defaults = StreamConfig()
+    group = parser.add_argument_group("LoRA and ControlNet")
+    group.add_argument(
+        "--lora",
+        action="append",
+        metavar="SOURCE[:SCALE]",
+        help="a LoRA (.safetensors file, folder or hub id), optionally with its scale, fused into the model "
+        "for every session; repeat for several (default: none). LCM-LoRA with --scheduler lcm runs SD 1.5 in "
+        "4 steps",
+    )
+    group.add_argument(
+        "--lora-scale", type=float, default=defaults.lora_scale, help="overall LoRA scale (live setting)"
+    )
+    group.add_argument(
+        "--controlnet",
+        default=defaults.controlnet,
+        metavar="SOURCE",
+        help="a ControlNet (folder, hub id or file) of the model's family, or `random` (shaped like the "
+        "model, random weights, for speed); empty = none",
+    )
+    group.add_argument(
+        "--control",
+        choices=CONTROL_MODES,
+        default=defaults.control,
+        help="the ControlNet's conditioning image from each frame: `canny` edges (OpenCV), or `none` (the "
+        "frame itself, for a source that already is one: edges, depth, pose)",
+    )
+    group.add_argument(
+        "--controlnet-scale",
+        dest="controlnet_conditioning_scale",
+        type=float,
+        default=defaults.controlnet_conditioning_scale,
+        help="controlnet_conditioning_scale in [0, 5] (live setting)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> StreamConfig:
@@ -147,6 +188,8 @@ def config_from_args(args: argparse.Namespace) -> StreamConfig:
     the model says its size rule up front (else after loading)."""
     names = {f.name for f in dataclasses.fields(StreamConfig)}
     values = {k: v for k, v in vars(args).items() if k in names and v is not None}
+    if isinstance(values.get("lora"), list):  # --lora is repeatable
+        values["lora"] = tuple(values["lora"])
     sides = {
         "width": values.get("width", StreamConfig.width),
         "height": values.get("height", StreamConfig.height),

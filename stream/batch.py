@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from stream.engine import Engine
+from stream.frame_plan import concat_rows
 from stream.frames import StageTimer
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ class Job:
     tag: Any = None  # the caller's label of this input
     calls: int = 0  # UNet calls this job takes part in: its steps, or 1 with Stream Batch
     frame: InFlight | None = None  # the frame entering the denoising
+    control: torch.Tensor | None = None  # (1, 3, H, W) the ControlNet's conditioning image in [0, 1]
 
 
 def process_batch(
@@ -103,14 +105,9 @@ def _run(engine: Engine, jobs: list[Job]) -> list[FrameResult]:
             for i in range(steps):
                 active = [job for job in jobs if i < job.calls]
                 rows = [job.denoiser._rows(job, i) for job in active]
-                conds = [r[3] for r in rows]
+                x, t, embeds, cond, extra = concat_rows(rows)
                 with timer(f"unet_{i + 1}"):
-                    out = engine.run_unet(
-                        torch.cat([r[0] for r in rows]),
-                        torch.cat([r[1] for r in rows]),
-                        torch.cat([r[2] for r in rows]),
-                        None if conds[0] is None else torch.cat([c for c in conds if c is not None]),
-                    )
+                    out = engine.run_unet(x, t, embeds, cond, extra or None)
                 for job, part in zip(active, out.split([r[0].shape[0] for r in rows]), strict=True):
                     job.denoiser._step(job, i, part)
         # 5. decode: (B, C, h, w) -> (B, 3, H, W) in [0, 1]

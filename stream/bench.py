@@ -90,6 +90,9 @@ def run(
             "cfg_batched": config.guidance_scale > 1.0,
             "scheduler": config.scheduler,
             "vae": config.vae,
+            "lora": list(config.lora),
+            "controlnet": config.controlnet or None,
+            "control": config.control if config.controlnet else None,
             "frames": frames,
             "warmup": warmup,
             "nan_frames": nan_frames,
@@ -166,6 +169,10 @@ def print_table(summary: dict[str, Any], out: TextIO = sys.stdout) -> None:
         f"strength {s['strength']}, guidance {s['guidance']} ({cfg}), {s['frames']} frames after "
         f"{s['warmup']} warm-up, clip: {s['clip']}\n"
     )
+    if s.get("controlnet"):
+        out.write(f"controlnet {s['controlnet']}, conditioning image: {s['control']} (stage `control`)\n")
+    if s.get("lora"):
+        out.write(f"LoRA fused: {', '.join(s['lora'])}\n")
     if s["placeholder"]:
         out.write(f"note: {PLACEHOLDER_NOTE}; only the timings mean something\n")
     out.write(f"{'stage':<14}{'p50':>9}{'p95':>9}{'p99':>9}{'mean':>9}   ms\n")

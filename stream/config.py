@@ -16,7 +16,17 @@ MAX_STEPS = 5
 MAX_SIDE = 2048
 MAX_TRAIN_TIMESTEPS = 1000  # SD-family models are trained on 1000 timesteps
 # Settings that need the model to be loaded again; everything else can change live.
-RELOAD_FIELDS = ("model", "vae", "device", "dtype", "attention", "cuda_graphs", "compile")
+RELOAD_FIELDS = (
+    "model",
+    "vae",
+    "device",
+    "dtype",
+    "attention",
+    "cuda_graphs",
+    "compile",
+    "lora",
+    "controlnet",
+)
 # What a page or control message may change live, by the names the page uses; anything else is refused.
 LIVE_SETTINGS = (
     "prompt",
@@ -28,7 +38,10 @@ LIVE_SETTINGS = (
     "latent_feedback",
     "width",  # a new size applies from the next frame (the server may offer only some sizes)
     "height",
+    "lora_scale",  # the LoRAs are fused into the model every session shares: a change applies to all
+    "controlnet_conditioning_scale",
 )
+CONTROL_MODES = ("canny", "none")  # how a ControlNet's conditioning image is made from each frame
 
 
 class ConfigError(ValueError):
@@ -71,6 +84,12 @@ class StreamConfig:
     # extra row), `once` (one uncond row at the first step, residual after), `none` (no CFG)
     cfg_mode: str = "full"
     delta: float = 1.0  # residual CFG: scale of the virtual residual noise used as the negative prediction
+    # LoRA and ControlNet (models/lora.py, models/controlnet.py, control.py)
+    lora: tuple[str, ...] = ()  # LoRAs fused into the model, each `SOURCE[:SCALE]` (file, folder, hub id)
+    lora_scale: float = 1.0  # overall LoRA scale (each LoRA's own scale times this), re-fused on change
+    controlnet: str = ""  # a ControlNet folder / hub id / file, or `random`; empty = none
+    control: str = "canny"  # the conditioning image from each frame: `canny` edges, `none` = the frame
+    controlnet_conditioning_scale: float = 1.0  # how strongly the ControlNet steers, in [0, 5]
 
     def __post_init__(self) -> None:
         # 1. strings that name something
@@ -78,7 +97,8 @@ class StreamConfig:
             isinstance(self.model, str) and self.model.strip() != "",
             "model",
             self.model,
-            "a hub id, a local folder or file, `tiny`, `random:sd-turbo`, `random:sd15` or `auto`",
+            "a hub id, a local folder or file, `tiny`, `tiny-sdxl`, `random:sd-turbo`, `random:sd15`, "
+            "`random:sdxl-turbo` or `auto`",
         )
         _require(
             isinstance(self.vae, str) and self.vae.strip() != "",
@@ -161,6 +181,28 @@ class StreamConfig:
             "delta",
             self.delta,
             "in [0, 2] (the residual CFG's scale of the residual noise; 1 is the paper's default)",
+        )
+
+        # 6. LoRA and ControlNet
+        _require(
+            isinstance(self.lora, tuple) and all(isinstance(x, str) and x.strip() for x in self.lora),
+            "lora",
+            self.lora,
+            "a tuple of `SOURCE[:SCALE]` strings",
+        )
+        _require(
+            _is_real(self.lora_scale) and -4.0 <= self.lora_scale <= 4.0,
+            "lora_scale",
+            self.lora_scale,
+            "in [-4, 4]",
+        )
+        _require(isinstance(self.controlnet, str), "controlnet", self.controlnet, "a string")
+        _choice("control", self.control, CONTROL_MODES)
+        _require(
+            _is_real(self.controlnet_conditioning_scale) and 0.0 <= self.controlnet_conditioning_scale <= 5.0,
+            "controlnet_conditioning_scale",
+            self.controlnet_conditioning_scale,
+            "in [0, 5]",
         )
 
     @property

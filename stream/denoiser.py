@@ -20,12 +20,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stream import frame_plan, schedule, temporal
+from stream import control, frame_plan, schedule, temporal
 from stream.batch import EMPTY, FrameResult, Job, process_batch
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, letterbox_geometry
-from stream.models import Components, load_model
+from stream.models import Components, load_model, sdxl
 from stream.stream_batch import InFlight, StreamBatch
 from stream.transfer import FrameTransfer
 
@@ -41,6 +41,9 @@ _OUTPUT_SETTINGS = (
     "steps",
     "seed",
     "latent_feedback",
+    "lora_scale",
+    "control",
+    "controlnet_conditioning_scale",
 )
 
 
@@ -70,7 +73,8 @@ class StreamDenoiser:
         self.frames = 0
         self.skipped = 0
         self._embeds: torch.Tensor | None = None  # (2 or 1, L, D) [uncond, cond] or [cond]
-        self._prompt: tuple[str, str, bool] | None = None
+        self._pooled: torch.Tensor | None = None  # SDXL: (2 or 1, P) pooled embeddings, rows as _embeds
+        self._prompt: tuple[str, str, bool, int] | None = None
         self._guidance_embed: torch.Tensor | None = None
         self._plan: frame_plan.Plan | None = None  # what a frame starting now is denoised with
         self._state = _StreamState()
@@ -94,12 +98,15 @@ class StreamDenoiser:
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
         """Encode and cache the prompt embeddings; a no-op when the prompt has not changed."""
         cfg = self._uses_cfg_batch(self.config)
-        key = (prompt, negative_prompt, cfg)
+        key = (prompt, negative_prompt, cfg, self.engine.prompt_version)
         if key == self._prompt and self._embeds is not None:
             return
         self._plan = None
-        cond = self.encode_prompt(prompt)
-        self._embeds = torch.cat([self.encode_prompt(negative_prompt), cond]) if cfg else cond
+        if self.engine.family == "sdxl":
+            self._embeds, self._pooled = sdxl.prompt_rows(self.engine, prompt, negative_prompt, cfg)
+        else:
+            cond = self.encode_prompt(prompt)
+            self._embeds = torch.cat([self.encode_prompt(negative_prompt), cond]) if cfg else cond
         self._prompt = key
 
     def update(self, config: StreamConfig) -> None:
@@ -123,6 +130,9 @@ class StreamDenoiser:
             except ConfigError:
                 self.config = old
                 raise
+        lora = self.engine.lora  # fused into the model: a new scale is re-fused for every stream of it
+        if config.lora_scale != old.lora_scale and lora is not None and lora.set_scale(config.lora_scale):
+            self.engine.forget_prompts()  # a text encoder LoRA changes the embeddings
         self.prepare(config.prompt, config.negative_prompt)
         if (config.seed, config.noise, config.steps, config.scheduler) != (
             old.seed,
@@ -178,7 +188,14 @@ class StreamDenoiser:
                     return FrameResult(EMPTY, timer.finish(), skipped=True, pending=True)
                 return FrameResult(state.last_output, timer.finish(), skipped=True)
             image = self.preprocess(pixels, state.geometry)
-        return Job(self, pixels, image, timer)
+        self.prepare(
+            self.config.prompt, self.config.negative_prompt
+        )  # no-op unless the embeddings went stale
+        job = Job(self, pixels, image, timer)
+        if self.engine.controlnet is not None:
+            with timer("control"):  # the ControlNet's conditioning image, from the canvas
+                job.control = control.condition_image(image, self.config.control)
+        return job
 
     # 3. the latent: blend with the previous output, noise to the first timestep
     def _start(self, job: Job, latent: torch.Tensor) -> None:
@@ -187,12 +204,14 @@ class StreamDenoiser:
         latent = temporal.feedback_blend(latent, state.prev_latent, self.config.latent_feedback)
         job.noise = self._noise(latent, state)
         job.x = schedule.add_noise(latent, job.noise[0], plan.schedule.alphas[0])
-        job.frame = InFlight(job.tag, plan, job.x, latent, job.noise, entered=job.timer.started)
+        job.frame = InFlight(
+            job.tag, plan, job.x, latent, job.noise, entered=job.timer.started, control=job.control
+        )
         job.calls = 1 if self.config.stream_batch else plan.steps
 
     def _rows(self, job: Job, i: int) -> frame_plan.Rows:
-        """Step i's UNet rows for this stream: (x, t, embeds, timestep_cond), 2 rows with full CFG, else 1;
-        with Stream Batch, the rows of every frame in flight and of the one entering, in one call."""
+        """Step i's UNet rows for this stream (frame_plan.Rows), 2 with full CFG, else 1; with Stream
+        Batch, the rows of every frame in flight and of the one entering, in one call."""
         assert job.frame is not None
         if self.config.stream_batch:
             return self._state.pipeline.rows(job.frame)
@@ -323,6 +342,10 @@ class StreamDenoiser:
                 t=tuple(self._t),
                 cond=self._embeds[-1:],
                 pair=self._embeds if self._embeds.shape[0] == 2 else None,
+                pooled=None if self._pooled is None else self._pooled[-1:],
+                pooled_pair=self._pooled if self._pooled is not None and self._pooled.shape[0] == 2 else None,
+                size=(config.height, config.width),
+                control_scale=config.controlnet_conditioning_scale,
                 guidance_embed=self._timestep_cond(),
                 guidance_scale=config.guidance_scale,
                 mode=self._cfg_mode(config),

@@ -18,10 +18,11 @@ from typing import Any
 
 import torch
 
+from stream import control
 from stream.config import ConfigError, StreamConfig
 from stream.devices import choose_cpu_convolutions, resolve_device, resolve_dtype, set_attention
 from stream.graphs import GraphRunner, compile_module, use_graphs
-from stream.models import Components
+from stream.models import Components, sdxl
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +54,13 @@ class Engine:
         self.vae = components.vae.to(device, self.vae_dtype).eval()
         self.text_encoder = components.text_encoder.to(device, dtype).eval()
         self.tokenizer = components.tokenizer
+        # SDXL's second text encoder, a ControlNet, fused LoRAs (models/sdxl.py, control.py, models/lora.py)
+        self.family = components.family
+        self.force_zeros_for_empty_prompt = components.force_zeros_for_empty_prompt
+        self.text_encoder_2 = _on(components.text_encoder_2, device, dtype)
+        self.tokenizer_2 = components.tokenizer_2
+        self.controlnet = _on(components.controlnet, device, dtype)
+        self.lora = components.lora
         self.scheduler_config = dict(components.scheduler_config)
         self.scaling_factor = float(getattr(self.vae.config, "scaling_factor", 1.0))
         blocks = (
@@ -63,7 +71,8 @@ class Engine:
         self.time_cond_dim: int | None = self.unet.config.time_cond_proj_dim  # guidance-distilled UNets (LCM)
         self.alphas_cumprod = _alphas_cumprod(self.scheduler_config)
         self.calls = 0  # UNet calls so far (benchmarks count them per round)
-        self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._prompts: OrderedDict[str, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
+        self.prompt_version = 0  # bumped when cached embeddings go stale (a LoRA re-fused)
         self._tokens: OrderedDict[str, Any] = OrderedDict()
         self._tokens_lock = threading.Lock()
         set_attention(self.unet, self.vae, attention)
@@ -108,21 +117,33 @@ class Engine:
         return (latent * self.scaling_factor).to(self.dtype)
 
     def run_unet(
-        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, timestep_cond: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        timestep_cond: torch.Tensor | None,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One UNet call over B rows: x (B, C, h, w), t (B,) one timestep a row, embeds (B, L, D),
-        timestep_cond (B, dim) or None. Rows are independent: any mix of streams and CFG halves."""
+        timestep_cond (B, dim) or None, `extra` rows of SDXL's added conditioning and ControlNet's
+        image and scale (control.unet_kwargs). Rows are independent: any mix of streams and CFG halves."""
         self.calls += 1
         runner = self.graph_runners.get("unet")
-        return (
-            self._unet(x, t, embeds, timestep_cond) if runner is None else runner(x, t, embeds, timestep_cond)
-        )
+        if runner is None or extra:  # SDXL's added conditioning and ControlNet rows run eagerly
+            return self._unet(x, t, embeds, timestep_cond, extra)
+        return runner(x, t, embeds, timestep_cond)
 
     def _unet(
-        self, x: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, timestep_cond: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        embeds: torch.Tensor,
+        timestep_cond: torch.Tensor | None,
+        extra: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        kwargs = control.unet_kwargs(self.controlnet, x, t, embeds, timestep_cond, extra) if extra else {}
         out = self._unet_forward(
-            x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, return_dict=False
+            x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond, return_dict=False, **kwargs
         )
         return out[0]
 
@@ -139,7 +160,7 @@ class Engine:
         rows = latents.split(1) if self.device.type == "cpu" else [latents]
         scaled = [(r / self.scaling_factor).to(self.vae_dtype) for r in rows]
         image = torch.cat([self.vae.decode(r, return_dict=False)[0] for r in scaled])
-        return (image / 2 + 0.5).clamp(0, 1)
+        return (image.to(self.dtype) / 2 + 0.5).clamp(0, 1)
 
     # ------------------------------------------------------------------ prompts
     def tokenize(self, prompt: str) -> Any:
@@ -149,13 +170,16 @@ class Engine:
             cached = self._tokens.get(prompt)
         if cached is not None:
             return cached
-        tokens = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        if self.text_encoder_2 is not None:
+            tokens = sdxl.tokenize((self.tokenizer, self.tokenizer_2), prompt)
+        else:
+            tokens = self.tokenizer(
+                prompt,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
         with self._tokens_lock:
             self._tokens[prompt] = tokens
             while len(self._tokens) > PROMPT_CACHE:
@@ -164,22 +188,37 @@ class Engine:
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Text -> (1, L, D) embeddings; the last few prompts are cached (sessions often share them)."""
+        return self.encode_prompt_pooled(prompt)[0]
+
+    def encode_prompt_pooled(self, prompt: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Text -> (1, L, D) embeddings and, for SDXL, (1, P) pooled embeddings (else None); cached."""
         cached = self._prompts.get(prompt)
         if cached is not None:
             self._prompts.move_to_end(prompt)
             return cached
         tokens = self.tokenize(prompt)
-        mask = None
-        if getattr(self.text_encoder.config, "use_attention_mask", False):
-            mask = tokens.attention_mask.to(self.device)
-        with torch.inference_mode():
-            embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].to(
-                self.dtype
-            )
-        self._prompts[prompt] = embeds
+        pooled = None
+        if self.text_encoder_2 is not None:
+            encoders = (self.text_encoder, self.text_encoder_2)
+            embeds, pooled = sdxl.encode_tokens(encoders, tokens, self.device, self.dtype)
+        else:
+            mask = None
+            if getattr(self.text_encoder.config, "use_attention_mask", False):
+                mask = tokens.attention_mask.to(self.device)
+            with torch.inference_mode():
+                embeds = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0].to(
+                    self.dtype
+                )
+        self._prompts[prompt] = (embeds, pooled)
         while len(self._prompts) > PROMPT_CACHE:
             self._prompts.popitem(last=False)
-        return embeds
+        return embeds, pooled
+
+    def forget_prompts(self) -> None:
+        """Drop the cached prompt embeddings (the text encoder's weights changed: a LoRA re-fused); every
+        stream of the engine re-encodes its prompt on its next frame."""
+        self._prompts.clear()
+        self.prompt_version += 1
 
     # ------------------------------------------------------------------ checks and measurements
     def check_size(self, width: int, height: int) -> None:
@@ -200,11 +239,12 @@ class Engine:
         cond = None
         if self.time_cond_dim is not None:
             cond = torch.zeros(rows, self.time_cond_dim, device=self.device, dtype=self.dtype)
+        extra = control.placeholder_extra(self, rows, config.height, config.width)
         best = float("inf")
         with torch.inference_mode():
             for _ in range(repeat):
                 start = time.perf_counter()
-                self.unet(x, t, encoder_hidden_states=embeds, timestep_cond=cond, return_dict=False)
+                self._unet(x, t, embeds, cond, extra)
                 best = min(best, time.perf_counter() - start)
         return best
 
@@ -214,3 +254,7 @@ def _alphas_cumprod(scheduler_config: dict[str, Any]) -> torch.Tensor:
     from diffusers import DDIMScheduler
 
     return DDIMScheduler.from_config(scheduler_config).alphas_cumprod.float()  # (T,)
+
+
+def _on(module: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    return None if module is None else module.to(device, dtype).eval()

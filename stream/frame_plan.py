@@ -20,9 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from stream import schedule
+from stream import control, schedule
+from stream.models import sdxl
 
-Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]  # x, t, embeds, timestep_cond
+# A UNet call's rows: x, t, embeds, timestep_cond, extra (per-row added conditioning: SDXL's pooled
+# embeddings and time ids, the ControlNet's image and scale)
+Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]
 MODES = ("full", "self", "once", "off")  # the mode a plan runs: `off` is no guidance at all
 
 
@@ -40,6 +43,10 @@ class Plan:
     delta: float  # residual CFG's scale of the residual noise
     prediction_type: str
     clip_sample: float | None
+    pooled: torch.Tensor | None = None  # SDXL: (1, P) the prompt's pooled embeddings
+    pooled_pair: torch.Tensor | None = None  # SDXL: (2, P) [negative prompt, prompt], as `pair`
+    size: tuple[int, int] = (0, 0)  # the canvas (height, width): SDXL's time ids
+    control_scale: float = 1.0  # the ControlNet's conditioning scale
 
     @property
     def steps(self) -> int:
@@ -61,12 +68,31 @@ def effective_mode(cfg_mode: str, guidance_scale: float, guidance_embedding: boo
     return cfg_mode
 
 
-def unet_rows(plan: Plan, x: torch.Tensor, i: int) -> Rows:
-    """Step i's rows for a frame at sample x (1, C, h, w): [uncond, cond] or [cond]."""
+def unet_rows(plan: Plan, x: torch.Tensor, i: int, control_image: torch.Tensor | None = None) -> Rows:
+    """Step i's rows for a frame at sample x (1, C, h, w): [uncond, cond] or [cond]; `control_image`
+    (1, 3, H, W) the frame's ControlNet conditioning image."""
     rows = plan.rows(i)
     embeds = plan.pair if rows == 2 and plan.pair is not None else plan.cond
     cond = None if plan.guidance_embed is None else plan.guidance_embed.expand(rows, -1)
-    return x.expand(rows, -1, -1, -1), plan.t[i].expand(rows), embeds, cond
+    extra: dict[str, torch.Tensor] = {}
+    if plan.pooled is not None:
+        pooled = plan.pooled_pair if rows == 2 and plan.pooled_pair is not None else plan.pooled
+        extra.update(sdxl.added_conditioning(pooled, *plan.size))
+    if control_image is not None:
+        extra.update(control.control_rows(control_image, plan.control_scale, rows))
+    return x.expand(rows, -1, -1, -1), plan.t[i].expand(rows), embeds, cond, extra
+
+
+def concat_rows(parts: list[Rows]) -> Rows:
+    """Several frames' or streams' rows as one UNet call's."""
+    conds = [r[3] for r in parts]
+    return (
+        torch.cat([r[0] for r in parts]),
+        torch.cat([r[1] for r in parts]),
+        torch.cat([r[2] for r in parts]),
+        None if conds[0] is None else torch.cat([c for c in conds if c is not None]),
+        {key: torch.cat([r[4][key] for r in parts]) for key in parts[0][4]},
+    )
 
 
 def step(

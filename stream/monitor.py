@@ -24,6 +24,7 @@ STAGE_ORDER = (
     "round",
     "wait",
     "preprocess",
+    "control",
     "encode",
     "denoise",
     "decode",

@@ -12,7 +12,7 @@ import cv2
 from stream.adaptive import AdaptiveController
 from stream.config import ConfigError
 from stream.denoiser import STAGES, StreamDenoiser
-from stream.monitor import LatencyMonitor, RollingStats
+from stream.monitor import LatencyMonitor, RollingStats, stage_names
 
 logger = logging.getLogger("stream.cli")
 
@@ -100,7 +100,8 @@ class StatusLine:
         if self.tty:
             self.out.write("\r\033[K")
         fps = frames / elapsed if elapsed > 0 else 0.0
-        stages = "  ".join(f"{s} {stats.percentiles(s, (50,))[0]:.1f}" for s in STAGES if s in stats.samples)
+        shown = [s for s in stage_names(stats.samples) if s in (*STAGES, "control")]  # control: ControlNet's
+        stages = "  ".join(f"{s} {stats.percentiles(s, (50,))[0]:.1f}" for s in shown)
         self.out.write(
             f"{'interrupted: ' if interrupted else ''}{describe(frames, fps, stats, skipped, drops)}\n"
             f"  p50 ms by stage: {stages}\n"

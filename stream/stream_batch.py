@@ -40,9 +40,10 @@ class InFlight:
     entered: float = field(default_factory=time.perf_counter)  # when the frame's call started
     step: int = 0  # steps done
     result: torch.Tensor | None = None  # (1, C, h, w) the final latent, once the last step is done
+    control: torch.Tensor | None = None  # (1, 3, H, W) the frame's ControlNet conditioning image
 
     def rows(self) -> Rows:
-        return frame_plan.unet_rows(self.plan, self.x, self.step)
+        return frame_plan.unet_rows(self.plan, self.x, self.step, self.control)
 
     def row_count(self) -> int:
         return self.plan.rows(self.step)
@@ -70,15 +71,8 @@ class StreamBatch:
         self.frames = []
 
     def rows(self, entering: InFlight) -> Rows:
-        """One UNet call's rows for every frame in flight and the one entering: (x, t, embeds, cond)."""
-        rows = [f.rows() for f in (*self.frames, entering)]
-        conds = [r[3] for r in rows]
-        return (
-            torch.cat([r[0] for r in rows]),
-            torch.cat([r[1] for r in rows]),
-            torch.cat([r[2] for r in rows]),
-            None if conds[0] is None else torch.cat([c for c in conds if c is not None]),
-        )
+        """One UNet call's rows for every frame in flight and the one entering."""
+        return frame_plan.concat_rows([f.rows() for f in (*self.frames, entering)])
 
     def advance(self, entering: InFlight, out: torch.Tensor) -> InFlight | None:
         """Apply the UNet output of `rows(entering)`: every frame one step on, `entering` joins; returns

@@ -31,7 +31,10 @@ from stream.models.builtin import (
     ensure_tiny_model,
     random_arch_configs,
 )
+from stream.models.controlnet import load_controlnet
 from stream.models.hub import load_auto, load_pipeline, load_single_file, load_vae, quiet_libraries
+from stream.models.lora import load_loras
+from stream.models.sdxl import TINY_SDXL_VERSION, build_tiny_sdxl_pipeline
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +68,10 @@ def load_model(config: StreamConfig) -> Components:
     dtype = resolve_dtype(config.dtype, device)
     components = load_components(config.model, device, dtype)
     components.vae = load_vae(config.vae, components, device, dtype)
+    if config.controlnet:
+        components.controlnet = load_controlnet(config.controlnet, components, dtype)
+    if config.lora:
+        components.lora = load_loras(config.lora, components, config.lora_scale)
     logger.info("loaded %s on %s (%s)", components.name, device, str(dtype).removeprefix("torch."))
     if components.placeholder and config.model != "auto":  # `auto` said so already, with the reason
         logger.warning("running the %s", PLACEHOLDER_NOTE)
@@ -76,6 +83,9 @@ def load_components(model: str, device: torch.device, dtype: torch.dtype) -> Com
     quiet_libraries()
     if model == "tiny":
         return load_pipeline(str(ensure_tiny_model()), dtype, name="tiny (built-in)", placeholder=True)
+    if model == "tiny-sdxl":
+        folder = str(ensure_tiny_model(TINY_SDXL_VERSION, build_tiny_sdxl_pipeline))
+        return load_pipeline(folder, dtype, name="tiny-sdxl (built-in)", placeholder=True)
     if model.startswith("random:"):
         return build_random(model.removeprefix("random:"), device, dtype)
     if model == "auto":

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,16 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STREAM_CACHE", Path.home() / ".cache" / "stream"))
 
 
-def ensure_tiny_model() -> Path:
+def ensure_tiny_model(version: str = TINY_MODEL_VERSION, build: Callable[[], Any] | None = None) -> Path:
     """The built-in tiny pipeline folder, written once (seeded, so every machine gets the same weights)."""
-    target = cache_dir() / "models" / TINY_MODEL_VERSION
+    target = cache_dir() / "models" / version
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     logger.info("writing the built-in tiny model to %s", target)
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(tmp)
+        (build or build_tiny_pipeline)().save_pretrained(tmp)
         try:
             tmp.rename(target)
         except OSError:  # another process won the race; its copy is identical
@@ -165,6 +166,10 @@ def _bytes_to_unicode() -> dict[int, str]:
 def random_arch_configs(arch: str) -> dict[str, dict[str, Any]]:
     """UNet, VAE, text encoder and scheduler configs of a full-size architecture (for speed, not images)."""
     sd2 = arch == "sd-turbo"
+    if arch == "sdxl-turbo":
+        from stream.models.sdxl import random_configs
+
+        return random_configs()
     if arch not in RANDOM_ARCHS:
         raise ModelError(
             f"unknown random architecture '{arch}'; use one of "
@@ -220,6 +225,10 @@ def build_random(arch: str, device: torch.device, dtype: torch.dtype) -> Compone
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    if arch == "sdxl-turbo":
+        from stream.models.sdxl import build_random as build_random_sdxl
+
+        return build_random_sdxl(device, dtype)
     configs = random_arch_configs(arch)
     logger.info("building random:%s (full-size architecture, random weights) on %s", arch, device)
     with seeded(0), device:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
@@ -19,6 +20,7 @@ from stream.models.base import (
     seeded,
 )
 from stream.models.builtin import ensure_tiny_model
+from stream.models.sdxl import TAESDXL_MODEL, checkpoint_family, family_of, pipeline_class
 
 logger = logging.getLogger(__name__)
 
@@ -85,48 +87,96 @@ def _causes(exc: BaseException) -> list[BaseException]:
 def load_pipeline(
     source: str, dtype: torch.dtype, name: str, placeholder: bool = False, local_files_only: bool = False
 ) -> Components:
-    from diffusers import StableDiffusionPipeline
-
+    class_name = _pipeline_class_name(source, local_files_only)
+    family = "sd" if class_name is None else family_of(class_name, source)
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
-            source,
-            dtype=dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=local_files_only,
+        pipe = pipeline_class(family).from_pretrained(
+            source, dtype=dtype, local_files_only=local_files_only, **_no_safety_checker(family)
         )
     except Exception as exc:  # diffusers raises OSError, ValueError, HTTP errors... all mean "cannot load"
-        raise ModelError(
-            f"could not load model '{source}': it {why_not_loaded(source, exc)}. Give a hub id that is "
-            "cached or downloadable, a local diffusers folder or .safetensors file, set HF_HOME to a cache "
-            "that has it, "
-            "or try everything with --model tiny"
-        ) from exc
-    return _from_pipeline(pipe, name, placeholder)
+        raise _not_loaded(source, exc) from exc
+    return _from_pipeline(pipe, name, placeholder, family)
+
+
+def _pipeline_class_name(source: str, local_files_only: bool) -> str | None:
+    """model_index.json's `_class_name` (a local folder, the cache, else the hub when allowed); None when
+    it cannot be read: the pipeline's own loading then says why."""
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            index = path / "model_index.json"
+        else:
+            from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+            cached = try_to_load_from_cache(source, "model_index.json")
+            if isinstance(cached, str):
+                index = Path(cached)
+            elif local_files_only or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+                return None
+            else:
+                index = Path(hf_hub_download(source, "model_index.json"))
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except Exception:
+        return None
+    return str(name) if name else None
+
+
+def _not_loaded(source: str, exc: BaseException) -> ModelError:
+    return ModelError(
+        f"could not load model '{source}': it {why_not_loaded(source, exc)}. Give a hub id that is "
+        "cached or downloadable, a local diffusers folder or .safetensors file, set HF_HOME to a cache "
+        "that has it, "
+        "or try everything with --model tiny"
+    )
+
+
+def _no_safety_checker(family: str) -> dict[str, Any]:
+    if family == "sdxl":  # SDXL pipelines have none
+        return {}
+    return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
 
 
 def load_single_file(path: Path, dtype: torch.dtype) -> Components:
-    from diffusers import StableDiffusionPipeline
-
     if path.suffix not in SINGLE_FILE_SUFFIXES:
         raise ModelError(
             f"model file '{path}' is not a checkpoint; give a {'/'.join(SINGLE_FILE_SUFFIXES)} file, "
             "a diffusers folder, or a hub id"
         )
+    family = _single_file_family(path)
     try:
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False
-        )
+        kwargs = _no_safety_checker(family)
+        kwargs.pop("feature_extractor", None)
+        pipe = pipeline_class(family).from_single_file(str(path), dtype=dtype, **kwargs)
     except Exception as exc:
         raise ModelError(
-            f"could not load checkpoint '{path}': {first_line(exc)}. It must be an SD 1.x/2.x "
+            f"could not load checkpoint '{path}': {first_line(exc)}. It must be an SD 1.x/2.x or SDXL "
             "checkpoint; without network its config must be in the local cache"
         ) from exc
-    return _from_pipeline(pipe, str(path), placeholder=False)
+    return _from_pipeline(pipe, str(path), placeholder=False, family=family)
 
 
-def _from_pipeline(pipe: Any, name: str, placeholder: bool) -> Components:
+def _single_file_family(path: Path) -> str:
+    """SDXL or SD, from a .safetensors file's tensor names (other formats: SD, as before)."""
+    if path.suffix != ".safetensors":
+        return "sd"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return checkpoint_family(list(f.keys()))
+    except Exception as exc:
+        raise ModelError(
+            f"could not load checkpoint '{path}': {first_line(exc)}. It must be an SD 1.x/2.x or SDXL "
+            ".safetensors checkpoint"
+        ) from exc
+
+
+def _from_pipeline(pipe: Any, name: str, placeholder: bool, family: str = "sd") -> Components:
+    if pipe.text_encoder is None or pipe.unet is None:
+        raise ModelError(
+            f"model '{name}' has no text_encoder or no unet (an SDXL refiner?); give a base SD 1.x/2.x, "
+            "SDXL or SDXL-Turbo pipeline"
+        )
     return Components(
         unet=pipe.unet,
         vae=pipe.vae,
@@ -135,11 +185,16 @@ def _from_pipeline(pipe: Any, name: str, placeholder: bool) -> Components:
         scheduler_config=dict(pipe.scheduler.config),
         name=name,
         placeholder=placeholder,
+        family=family,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        force_zeros_for_empty_prompt=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
     )
 
 
 def load_vae(spec: str, components: Components, device: torch.device, dtype: torch.dtype) -> Any:
-    """`auto` keeps the model's own VAE; `tiny` is a TAESD-shaped AutoencoderTiny; else a path or hub id."""
+    """`auto` keeps the model's own VAE; `tiny` is a TAESD-shaped AutoencoderTiny (TAESDXL for SDXL); else a
+    path or hub id (e.g. an fp16-safe SDXL VAE)."""
     from diffusers import AutoencoderKL, AutoencoderTiny
 
     if spec == "auto":
@@ -147,7 +202,8 @@ def load_vae(spec: str, components: Components, device: torch.device, dtype: tor
     if spec == "tiny" and components.placeholder:
         with seeded(0):
             return AutoencoderTiny()  # TAESD shape, random weights, like the model itself
-    source = TAESD_MODEL if spec == "tiny" else spec
+    taesd = TAESDXL_MODEL if components.family == "sdxl" else TAESD_MODEL
+    source = taesd if spec == "tiny" else spec
     errors = []
     for cls in (AutoencoderTiny, AutoencoderKL):
         try:

@@ -8,7 +8,7 @@ const $ = (id) => document.getElementById(id);
 const DASH = "–";
 // Stage latencies in pipeline order; `unet_<i>` (one per UNet call) sit between denoise and handoff.
 // A stage the server reports that is not listed here is shown after these.
-const STAGES = ["total", "round", "wait", "preprocess", "encode", "denoise", "handoff", "decode", "postprocess"];
+const STAGES = ["total", "round", "wait", "preprocess", "control", "encode", "denoise", "handoff", "decode", "postprocess"];
 const COUNTERS = [["fps", "fps in / out"], ["browser", "browser fps"], ["drops", "drops"], ["skipped", "skipped"]];
 
 const cells = {}; // counter name -> its cell
