@@ -19,6 +19,7 @@ from stream.args import (
     UsageError,
     add_budget_arguments,
     add_config_arguments,
+    add_limit_arguments,
     check_budget_arguments,
     config_from_args,
     configure_logging,
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or one after the other (off)",
     )
     add_budget_arguments(serve, "on")
+    add_limit_arguments(serve)
     add_config_arguments(
         serve,
         size_default="512; on a CPU, the largest offered size that holds --target-fps, measured at start-up",

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from stream.args import UsageError, check_budget_arguments, config_from_args
+from stream.args import UsageError, check_budget_arguments, config_from_args, limits_from_args
 from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.devices import resolve_device
@@ -50,6 +50,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-viewers must be 0 or more, got {args.max_viewers}")
     if args.virtualcam_device and not args.virtualcam:
         raise UsageError("--virtualcam-device needs --virtualcam")
+    limits = limits_from_args(args)
+    if args.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        say(
+            f"warning: --host {args.host} without --token: anyone who can reach this machine can start "
+            "sessions and watch the newest one (/view); pass --token to require a token"
+        )
     # 2. take the port now: a port in use is said in a second, not after loading the model
     sockets = bind(args.host, args.port)
     virtualcam = None
@@ -80,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             virtualcam=virtualcam,
             sizes=sizes,
             batching=args.batching == "on",
+            limits=limits,
         )
         # 4. serve; the address is printed once the socket listens
         base = f"http://{url_host(args.host)}:{args.port}"

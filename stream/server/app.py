@@ -24,10 +24,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 
 from stream.config import LIVE_SETTINGS, StreamConfig
 from stream.denoiser import StreamDenoiser
+from stream.engine import Engine
 from stream.media import FrameSink, SinkError
 from stream.models import Components
 from stream.monitor import LatencyMonitor
 from stream.server import signaling
+from stream.server.limits import Limits
 from stream.server.metrics import Metrics
 from stream.server.rtc import parse_ice_server
 from stream.server.session import (
@@ -69,8 +71,12 @@ class StreamServer:
         virtualcam: FrameSink | None = None,
         batching: bool = True,
         sizes: list[tuple[int, int]] | None = None,
+        limits: Limits | None = None,
+        tokenize: Callable[[str], object] | None = None,
     ) -> None:
         self.config = config
+        self.limits = limits or Limits()  # what one peer may cost (stream/server/limits.py)
+        self.tokenize = tokenize  # text -> tokens, safe off the model thread (Engine.tokenize), or None
         self.batching = batching  # sessions of one size share one batch per round (False: one at a time)
         # the sizes a session may pick (the page's size menu); the server's own size is one of them
         self.sizes = sorted(
@@ -109,6 +115,7 @@ class StreamServer:
         if "sizes" not in options:
             multiple, native = components_multiple(components), native_side(components)
             options["sizes"] = allowed_sizes(multiple, native, (config.width, config.height))
+        options.setdefault("tokenize", lambda text: Engine.shared(components, config).tokenize(text))
         return cls(
             config,
             lambda session_config: StreamDenoiser(components, session_config),

@@ -87,7 +87,7 @@ def on_control(server: StreamServer, session: Session, message: object) -> None:
         if not isinstance(data, dict) or data.get("type") != "settings":
             raise ConfigError('control messages are JSON {"type": "settings", ...} of at most 64 KiB')
         changes = {k: v for k, v in data.items() if k != "type"}
-        session.config = apply_settings(session.config, changes, server.sizes)
+        session.config = apply_settings(session.config, changes, server.sizes, server.limits.max_prompt_chars)
         reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
     except ConfigError as exc:
         logger.info("session %s: change refused: %s", session.id, exc)

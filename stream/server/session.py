@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 
 TELEMETRY_INTERVAL = 0.33  # seconds: about 3 messages a second
 MAX_BODY = 64 * 1024  # bytes: the largest request body or data-channel message
+TEXT_SETTINGS = ("prompt", "negative_prompt")  # settings the model re-encodes when they change
 MAX_PTS_JUMP = 3  # seconds: a larger jump of the input's timestamps is a restarted clock, not time
 
 
@@ -205,10 +206,14 @@ class ProcessedTrack(MediaStreamTrack):
 
 
 def apply_settings(
-    config: StreamConfig, changes: object, sizes: list[tuple[int, int]] | None = None
+    config: StreamConfig,
+    changes: object,
+    sizes: list[tuple[int, int]] | None = None,
+    max_text: int | None = None,
 ) -> StreamConfig:
     """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig; a new size must be one
-    of `sizes` (when given: the sizes the server offers for its model)."""
+    of `sizes` (when given: the sizes the server offers for its model); prompts of at most `max_text`
+    characters (when given)."""
     if not isinstance(changes, dict):
         raise ConfigError("settings must be a JSON object")
     unknown = sorted(set(changes) - set(LIVE_SETTINGS))
@@ -216,6 +221,12 @@ def apply_settings(
         raise ConfigError(
             f"unknown setting(s) {', '.join(unknown)}; live settings: {', '.join(LIVE_SETTINGS)}"
         )
+    for name in TEXT_SETTINGS:
+        text = changes.get(name)
+        if max_text is not None and isinstance(text, str) and len(text) > max_text:
+            raise ConfigError(
+                f"{name} is {len(text)} characters long; at most {max_text} are accepted: shorten it"
+            )
     if not changes:
         return config
     new = config.replace(**changes)

@@ -75,7 +75,9 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
     if problem:
         return error(400, problem)
     try:
-        config = apply_settings(server.config, body.get("settings") or {}, server.sizes)
+        config = apply_settings(
+            server.config, body.get("settings") or {}, server.sizes, server.limits.max_prompt_chars
+        )
     except ConfigError as exc:
         return error(400, f"bad settings: {exc}")
     started = await start_session(server, body["sdp"], config, stamp=stamped)

@@ -1,0 +1,194 @@
+"""Hostile peers against `stream serve --model tiny --token ...`, while one well-behaved session streams.
+
+One server process for the module, and one good session streaming on a client loop thread throughout.
+Each test measures the good session's frame rate alone, then attacks, and asserts the refusal or the
+limit AND that the good session kept at least 40% of its own rate (loose: a loaded 2-core machine).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import pytest
+from aiortc.mediastreams import MediaStreamError
+
+from tests.test_serve_startup import free_port
+from tests.test_server import INPUT, Client
+
+TOKEN = "SECRET"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+FLOOR = 0.4  # the good session keeps at least this share of its own rate under attack
+T = TypeVar("T")
+
+
+class GoodClient(Client):
+    """The well-behaved session: counts frames, keeps only the newest (it runs for the whole module)."""
+
+    count = 0
+
+    async def _read(self, track: Any) -> None:
+        try:
+            while True:
+                frame = await track.recv()
+                self.count += 1
+                self.received[:] = [frame]
+        except MediaStreamError:
+            pass
+
+
+class Harness:
+    """The server process, and a loop thread that runs the good session and each test's attack."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], url: str, log: Path) -> None:
+        self.proc, self.url, self.log = proc, url, log
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.good: GoodClient = self.run(self._start_good())
+
+    async def _start_good(self) -> GoodClient:
+        good = GoodClient([INPUT])
+        await good.connect(self.url, TOKEN)
+        deadline = time.monotonic() + 30
+        while good.count < 5:
+            assert time.monotonic() < deadline, "the good session never streamed"
+            await asyncio.sleep(0.05)
+        return good
+
+    def run(self, coro: Awaitable[T], timeout: float = 60.0) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
+
+    def rate(self, seconds: float = 1.5) -> float:
+        """The good session's received frames per second, alone."""
+
+        async def measure() -> float:
+            start, t0 = self.good.count, time.monotonic()
+            await asyncio.sleep(seconds)
+            return (self.good.count - start) / (time.monotonic() - t0)
+
+        return self.run(measure())
+
+    def under(self, attack: Callable[[], Awaitable[T]], seconds: float = 2.0) -> tuple[T, float]:
+        """Run `attack` (at least `seconds` are measured); its result and the good session's rate meanwhile."""
+
+        async def measure() -> tuple[T, float]:
+            start, t0 = self.good.count, time.monotonic()
+            result = await attack()
+            left = seconds - (time.monotonic() - t0)
+            if left > 0:
+                await asyncio.sleep(left)
+            return result, (self.good.count - start) / (time.monotonic() - t0)
+
+        return self.run(measure(), timeout=120)
+
+    def kept_streaming(self, alone: float, during: float) -> None:
+        assert alone > 1.0, f"the good session alone got {alone:.1f} FPS"
+        assert during >= FLOOR * alone, f"the good session fell from {alone:.1f} to {during:.1f} FPS"
+        health = self.run(get_json(self.url + "/health"))
+        assert health[0] == 200 and health[1]["status"] == "ok", health
+
+    def proc_status(self, key: str) -> int:
+        """VmRSS (kB) or Threads of the server process, from /proc."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+        raise KeyError(key)
+
+    def rss_mib(self) -> float:
+        return self.proc_status("VmRSS") / 1024
+
+    def close(self) -> None:
+        self.run(self.good.close())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+@pytest.fixture(scope="module")
+def h(tiny_model_dir: Path) -> Iterator[Harness]:
+    port = free_port()
+    log = Path(tempfile.mkdtemp(prefix="stream-hardening-")) / "server.log"
+    args = ["--model", "tiny", "--token", TOKEN, "--width", "64", "--height", "64", "--port", str(port)]
+    args += ["--max-sessions", "6", "--connect-timeout", "4", "--read-timeout", "2", "--max-reading", "8"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "stream", "serve", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"},
+        )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while "stream: serving" not in log.read_text():
+        assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    harness = Harness(proc, url, log)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+async def get_json(url: str, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http, http.get(url, headers=headers) as r:
+        return r.status, await r.json(content_type=None)
+
+
+async def post_json(url: str, body: Any, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as http:
+        data = body if isinstance(body, (str, bytes)) else json.dumps(body)
+        hdrs = {"Content-Type": "application/json", **AUTH, **(headers or {})}
+        async with http.post(url, data=data, headers=hdrs) as r:
+            return r.status, await r.json(content_type=None)
+
+
+async def offer_sdp() -> str:
+    client = Client([INPUT])
+    await client.pc.setLocalDescription(await client.pc.createOffer())
+    sdp: str = client.pc.localDescription.sdp
+    await client.close()
+    return sdp
+
+
+# ---------------------------------------------------------------------- 1. text settings
+def test_text_that_is_not_unicode_or_too_long_is_refused(h: Harness) -> None:
+    alone = h.rate()
+
+    async def attack() -> None:
+        bad = Client([INPUT])
+        await bad.connect(h.url, TOKEN)
+        for message, words in [
+            ({"type": "settings", "prompt": "a\ud800b"}, "prompt must be valid Unicode"),
+            ({"type": "settings", "negative_prompt": "\udfff"}, "negative_prompt must be valid Unicode"),
+            ({"type": "settings", "prompt": "x" * 2001}, "at most 2000"),
+        ]:
+            reply = await bad.send(message)
+            assert reply["type"] == "error" and words in reply["message"], reply
+        reply = await bad.send({"type": "settings", "prompt": "y" * 2000})
+        assert reply["type"] == "applied"
+        sdp = await offer_sdp()
+        for settings, words in [({"prompt": "a\ud800b"}, "Unicode"), ({"prompt": "z" * 3000}, "at most")]:
+            status, body = await post_json(
+                h.url + "/offer", {"sdp": sdp, "type": "offer", "settings": settings}
+            )
+            assert status == 400 and words in body["error"], body
+        await bad.wait_frames(len(bad.received) + 5)  # the peer that sent them streams on as well
+        await bad.close()
+
+    _, during = h.under(attack)
+    h.kept_streaming(alone, during)
