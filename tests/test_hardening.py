@@ -192,3 +192,47 @@ def test_text_that_is_not_unicode_or_too_long_is_refused(h: Harness) -> None:
 
     _, during = h.under(attack)
     h.kept_streaming(alone, during)
+
+
+# ---------------------------------------------------------------------- 2. rates when frames stop
+class PausableClient(Client):
+    """A client whose camera can stop sending (the track waits) while the connection stays up."""
+
+    def __init__(self) -> None:
+        super().__init__([INPUT])
+        self.sending = asyncio.Event()
+        self.sending.set()
+        recv = self.track.recv
+
+        async def paused_recv() -> Any:
+            await self.sending.wait()
+            return await recv()
+
+        self.track.recv = paused_recv  # type: ignore[method-assign]
+
+
+def test_frame_rates_fall_to_zero_when_frames_stop(h: Harness) -> None:
+    alone = h.rate()
+
+    async def attack() -> dict[str, Any]:
+        quiet = PausableClient()
+        await quiet.connect(h.url, TOKEN)
+        await quiet.wait_frames(10)
+        status, stats = await get_json(h.url + "/stats", AUTH)
+        mine = next(s for s in stats["sessions"] if s["session"] == quiet.session)
+        assert mine["fps_in"] > 3 and mine["fps_out"] > 3, mine
+        quiet.sending.clear()
+        await asyncio.sleep(3.5)
+        status, stats = await get_json(h.url + "/stats", AUTH)
+        async with aiohttp.ClientSession() as http, http.get(h.url + "/metrics", headers=AUTH) as r:
+            metrics = await r.text()
+        telemetry = quiet.stats[-1]
+        await quiet.close()
+        mine = next(s for s in stats["sessions"] if s["session"] == quiet.session)
+        return {"stats": mine, "metrics": metrics, "telemetry": telemetry, "id": quiet.session}
+
+    seen, during = h.under(attack)
+    assert seen["stats"]["fps_in"] == 0 and seen["stats"]["fps_out"] == 0, seen["stats"]
+    assert seen["telemetry"]["fps_in"] == 0 and seen["telemetry"]["fps_out"] == 0
+    assert f'stream_fps_out{{session="{seen["id"]}"}} 0.0' in seen["metrics"]
+    h.kept_streaming(alone, during)

@@ -161,7 +161,7 @@ class Session:
             "session": self.id,
             "kind": self.kind,
             "viewers": len(self.viewers),
-            **self.monitor.snapshot(),
+            **self.monitor.snapshot(time.perf_counter()),  # rates fall to 0 when frames stop
             "adaptive": self.adaptive_state,
             "stamp": self.stamp,
             "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
