@@ -165,12 +165,33 @@ async def offer_sdp() -> str:
     return sdp
 
 
+class Peer(Client):
+    """An attacker's session: sends the clip at `fps` (low: the test process shares the CPU with the
+    good session), and can stop sending (the track waits) while the connection stays up."""
+
+    def __init__(self, fps: float = 8.0, frames: list[Any] | None = None) -> None:
+        super().__init__(frames or [INPUT])
+        self.sending = asyncio.Event()
+        self.sending.set()
+        recv, due = self.track.recv, [time.monotonic()]
+
+        async def paced_recv() -> Any:
+            await self.sending.wait()
+            wait = due[0] - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            due[0] = max(due[0], time.monotonic()) + 1.0 / fps
+            return await recv()
+
+        self.track.recv = paced_recv  # type: ignore[method-assign]
+
+
 # ---------------------------------------------------------------------- 1. text settings
 def test_text_that_is_not_unicode_or_too_long_is_refused(h: Harness) -> None:
     alone = h.rate()
 
     async def attack() -> None:
-        bad = Client([INPUT])
+        bad = Peer()
         await bad.connect(h.url, TOKEN)
         for message, words in [
             ({"type": "settings", "prompt": "a\ud800b"}, "prompt must be valid Unicode"),
@@ -195,27 +216,11 @@ def test_text_that_is_not_unicode_or_too_long_is_refused(h: Harness) -> None:
 
 
 # ---------------------------------------------------------------------- 2. rates when frames stop
-class PausableClient(Client):
-    """A client whose camera can stop sending (the track waits) while the connection stays up."""
-
-    def __init__(self) -> None:
-        super().__init__([INPUT])
-        self.sending = asyncio.Event()
-        self.sending.set()
-        recv = self.track.recv
-
-        async def paused_recv() -> Any:
-            await self.sending.wait()
-            return await recv()
-
-        self.track.recv = paused_recv  # type: ignore[method-assign]
-
-
 def test_frame_rates_fall_to_zero_when_frames_stop(h: Harness) -> None:
     alone = h.rate()
 
     async def attack() -> dict[str, Any]:
-        quiet = PausableClient()
+        quiet = Peer()
         await quiet.connect(h.url, TOKEN)
         await quiet.wait_frames(10)
         status, stats = await get_json(h.url + "/stats", AUTH)
@@ -236,3 +241,53 @@ def test_frame_rates_fall_to_zero_when_frames_stop(h: Harness) -> None:
     assert seen["telemetry"]["fps_in"] == 0 and seen["telemetry"]["fps_out"] == 0
     assert f'stream_fps_out{{session="{seen["id"]}"}} 0.0' in seen["metrics"]
     h.kept_streaming(alone, during)
+
+
+# ---------------------------------------------------------------------- 3. data channels
+async def until(predicate: Callable[[], bool], timeout: float = 15.0, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what or 'a condition'}"
+        await asyncio.sleep(0.05)
+
+
+async def session_ids(url: str) -> set[str]:
+    status, stats = await get_json(url + "/stats", AUTH)
+    assert status == 200, stats
+    return {s["session"] for s in stats["sessions"]}
+
+
+def test_one_control_and_one_telemetry_channel_per_session(h: Harness) -> None:
+    alone = h.rate()
+    rss, threads = h.rss_mib(), h.proc_status("Threads")
+
+    async def attack() -> None:
+        # A few extra channels: closed by the server; the first two keep working.
+        peer = Peer()
+        await peer.connect(h.url, TOKEN)
+        await peer.wait_frames(3)
+        extra = [peer.pc.createDataChannel(label) for label in ("telemetry", "control", "chat")]
+        await until(lambda: all(c.readyState == "closed" for c in extra), what="extra channels closed")
+        reply = await peer.send({"type": "settings", "seed": 7})
+        assert reply == {"type": "applied", "settings": {"seed": 7}}
+        told = len(peer.stats)
+        await until(lambda: len(peer.stats) > told + 2, what="telemetry on the first channel")
+        assert peer.session in await session_ids(h.url)
+        await peer.close()
+        # A flood of them: the peer is closed, its place freed.
+        flood = Peer()
+        await flood.connect(h.url, TOKEN)
+        await flood.wait_frames(3)
+        for i in range(300):
+            flood.pc.createDataChannel("telemetry" if i % 2 else "control")
+        deadline = time.monotonic() + 20
+        while flood.session in await session_ids(h.url):
+            assert time.monotonic() < deadline, "the peer flooding data channels was not closed"
+            await asyncio.sleep(0.2)
+        await flood.close()
+
+    _, during = h.under(attack)
+    h.kept_streaming(alone, during)
+    time.sleep(1.0)
+    assert h.rss_mib() < rss + 100, (rss, h.rss_mib())
+    assert h.proc_status("Threads") <= threads + 8, (threads, h.proc_status("Threads"))

@@ -98,6 +98,7 @@ class StreamServer:
         self.sessions: dict[str, Session] = {}
         self.worker: ModelWorker | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Future[None]] = set()  # close_later's tasks, held until done
         self.started = time.monotonic()
         self.sessions_started = 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -163,7 +164,13 @@ class StreamServer:
 
     def _session_failed(self, session: Session, reason: str) -> None:
         """On the loop: the worker gave up on a session that kept failing."""
-        session.tasks.append(asyncio.ensure_future(self.close_session(session, reason)))
+        self.close_later(session, reason)
+
+    def close_later(self, session: Session, reason: str) -> None:
+        """Close a session from a callback (not in one of its own tasks, which closing cancels)."""
+        task = asyncio.ensure_future(self.close_session(session, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def unavailable(self) -> str | None:
         """Why the server cannot take sessions now (its model worker stopped), or None."""

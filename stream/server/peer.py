@@ -22,6 +22,8 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+MAX_REFUSED_CHANNELS = 16  # data channels beyond control and telemetry a peer may open before it is closed
+
 
 def wire(server: StreamServer, session: Session) -> None:
     """The session's peer connection: its video into the worker, its data channels, its end."""
@@ -39,18 +41,37 @@ def wire(server: StreamServer, session: Session) -> None:
 
     @pc.on("datachannel")
     def on_datachannel(channel: RTCDataChannel) -> None:
-        if channel.label == "control":
+        # One `control` and one `telemetry` channel a session; any other is closed at once.
+        if channel.label == "control" and session.control is None:
             session.control = channel
-            channel.on("message", lambda message: on_control(server, session, message))
-        elif channel.label == "telemetry":
+            channel.on("message", lambda message: on_control(server, session, message, channel))
+        elif channel.label == "telemetry" and session.telemetry is None:
             session.telemetry = channel
             session.tasks.append(asyncio.create_task(telemetry(session, channel)))
+        else:
+            refuse_channel(server, session, channel)
 
     @pc.on("connectionstatechange")
     async def on_state() -> None:
         logger.info("session %s: connection %s", session.id, pc.connectionState)
         if pc.connectionState in ("failed", "closed"):
             await server.close_session(session, f"connection {pc.connectionState}")
+
+
+def refuse_channel(server: StreamServer, session: Session, channel: RTCDataChannel) -> None:
+    """Close a data channel beyond the session's one control and one telemetry channel; a peer that
+    keeps opening them is closed."""
+    session.refused_channels += 1
+    channel.close()
+    if session.refused_channels == 1:
+        logger.info(
+            "session %s: closed a data channel %r: one control and one telemetry channel are accepted",
+            session.id,
+            channel.label[:40],
+        )
+    if session.refused_channels == MAX_REFUSED_CHANNELS + 1:
+        reason = f"opened more than {MAX_REFUSED_CHANNELS} data channels beyond control and telemetry"
+        server.close_later(session, reason)
 
 
 async def drain_video(server: StreamServer, session: Session, track: MediaStreamTrack) -> None:
@@ -76,9 +97,9 @@ async def telemetry(session: Session, channel: RTCDataChannel) -> None:
             channel.send(json.dumps({"type": "telemetry", **session.snapshot()}))
 
 
-def on_control(server: StreamServer, session: Session, message: object) -> None:
-    """A settings change from the page: validated here, applied by the worker from the next frame."""
-    channel = session.control
+def on_control(server: StreamServer, session: Session, message: object, channel: RTCDataChannel) -> None:
+    """A settings change from the page: validated here, applied by the worker from the next frame. The
+    reply goes back on `channel`, the one the message came on."""
     try:
         data = json.loads(message) if isinstance(message, str) and len(message) <= MAX_BODY else None
     except (ValueError, RecursionError):  # not JSON, too deep, numbers too long
@@ -92,5 +113,5 @@ def on_control(server: StreamServer, session: Session, message: object) -> None:
     except ConfigError as exc:
         logger.info("session %s: change refused: %s", session.id, exc)
         reply = {"type": "error", "message": str(exc)}
-    if channel is not None and channel.readyState == "open":
+    if channel.readyState == "open":
         channel.send(json.dumps(reply))

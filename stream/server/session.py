@@ -99,6 +99,7 @@ class Session:
         self.tasks: list[asyncio.Task[Any]] = []
         self.control: RTCDataChannel | None = None
         self.telemetry: RTCDataChannel | None = None
+        self.refused_channels = 0  # data channels beyond control and telemetry, closed at once
         self.last_input = time.monotonic()
         self.created = time.monotonic()
         self.closed = False
