@@ -291,3 +291,42 @@ def test_one_control_and_one_telemetry_channel_per_session(h: Harness) -> None:
     time.sleep(1.0)
     assert h.rss_mib() < rss + 100, (rss, h.rss_mib())
     assert h.proc_status("Threads") <= threads + 8, (threads, h.proc_status("Threads"))
+
+
+# ---------------------------------------------------------------------- 4. frame sizes
+def scaled(frame: Any, factor: int, height: int, width: int) -> Any:
+    """INPUT blown up by `factor` (a smooth picture: cheap to encode), cut to height x width."""
+    import numpy as np
+
+    return np.ascontiguousarray(np.repeat(np.repeat(frame, factor, axis=0), factor, axis=1)[:height, :width])
+
+
+def test_large_frames_are_scaled_down_and_too_large_ones_refused(h: Harness) -> None:
+    alone = h.rate()
+    rss = h.rss_mib()
+
+    async def attack() -> tuple[tuple[int, int], dict[str, Any]]:
+        # 1280x720: accepted, scaled down on arrival; the output comes back at most 640 a side.
+        big = Peer(fps=5, frames=[scaled(INPUT, 8, 720, 1280)])
+        await big.connect(h.url, TOKEN)
+        await big.wait_frames(3)
+        out = big.received[-1]
+        await big.close()
+        # 2560x1440: over --max-input-side (1920): told why, and closed.
+        huge = Peer(fps=2, frames=[scaled(INPUT, 16, 1440, 2560)])
+        await huge.connect(h.url, TOKEN)
+        while huge.control.readyState != "open":
+            await asyncio.sleep(0.02)
+        reply = await asyncio.wait_for(huge.replies.get(), 20)
+        deadline = time.monotonic() + 10
+        while huge.session in await session_ids(h.url):
+            assert time.monotonic() < deadline, "the session sending too large frames was not closed"
+            await asyncio.sleep(0.2)
+        await huge.close()
+        return (out.width, out.height), reply
+
+    (size, reply), during = h.under(attack)
+    assert size == (640, 360), size
+    assert reply["type"] == "error" and "2560x1440" in reply["message"] and "1920" in reply["message"]
+    h.kept_streaming(alone, during)
+    assert h.rss_mib() < rss + 150, (rss, h.rss_mib())

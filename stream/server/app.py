@@ -158,6 +158,7 @@ class StreamServer:
             on_output=self._publish if self.virtualcam is not None else None,
             batching=self.batching,
             on_failed=self._session_failed,
+            max_side=self.limits.max_output_side,
         )
         self.worker.start()
         self._reaper = asyncio.create_task(self._reap())

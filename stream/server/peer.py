@@ -81,6 +81,15 @@ async def drain_video(server: StreamServer, session: Session, track: MediaStream
             frame = await track.recv()
             if not isinstance(frame, av.VideoFrame):
                 continue
+            side = server.limits.max_input_side
+            if frame.width > side or frame.height > side:
+                reason = (
+                    f"the camera sends {frame.width}x{frame.height} frames; at most {side} pixels a side "
+                    "are accepted: lower the camera resolution"
+                )
+                session.report(reason)
+                server.close_later(session, reason)
+                return
             session.last_input = time.monotonic()
             session.monitor.frame_in()
             session.inputs.put((frame, session.last_input))
