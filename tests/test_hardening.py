@@ -330,3 +330,50 @@ def test_large_frames_are_scaled_down_and_too_large_ones_refused(h: Harness) -> 
     assert reply["type"] == "error" and "2560x1440" in reply["message"] and "1920" in reply["message"]
     h.kept_streaming(alone, during)
     assert h.rss_mib() < rss + 150, (rss, h.rss_mib())
+
+
+# ---------------------------------------------------------------------- 5. media sections
+async def offer_with(videos: int, audios: int = 0) -> str:
+    from aiortc import RTCPeerConnection
+
+    pc = RTCPeerConnection()
+    for _ in range(videos):
+        pc.addTransceiver("video")
+    for _ in range(audios):
+        pc.addTransceiver("audio")
+    pc.createDataChannel("control")
+    await pc.setLocalDescription(await pc.createOffer())
+    sdp: str = pc.localDescription.sdp
+    await pc.close()
+    return sdp
+
+
+def test_one_video_section_and_few_media_sections_per_offer(h: Harness) -> None:
+    alone = h.rate()
+    threads = h.proc_status("Threads")
+
+    async def attack() -> list[tuple[int, str]]:
+        answers = []
+        for sdp, path in [
+            (await offer_with(30), "/offer"),
+            (await offer_with(2), "/offer"),
+            (await offer_with(1, audios=5), "/offer"),
+            (await offer_with(3), "/whip"),
+        ]:
+            async with aiohttp.ClientSession() as http:
+                if path == "/offer":
+                    status, body = await post_json(h.url + path, {"sdp": sdp, "type": "offer"})
+                else:
+                    headers = {**AUTH, "Content-Type": "application/sdp"}
+                    async with http.post(h.url + path, data=sdp, headers=headers) as r:
+                        status, body = r.status, await r.json()
+            answers.append((status, body["error"]))
+        return answers
+
+    answers, during = h.under(attack)
+    assert answers[0][0] == 400 and "31 media sections" in answers[0][1], answers
+    assert answers[1][0] == 400 and "2 video sections" in answers[1][1], answers
+    assert answers[2][0] == 400 and "7 media sections" in answers[2][1], answers
+    assert answers[3][0] == 400 and "3 video sections" in answers[3][1], answers
+    h.kept_streaming(alone, during)
+    assert h.proc_status("Threads") <= threads + 4

@@ -111,14 +111,23 @@ def to_video(frame: np.ndarray) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
 
 
-def check_offer(sdp: str) -> str | None:
-    """What is wrong with an SDP offer before negotiating it, or None."""
+def check_offer(sdp: str, max_sections: int = 4) -> str | None:
+    """What is wrong with an SDP offer before negotiating it, or None. One session is one video in and
+    one video out: one video section, and at most `max_sections` media sections in all."""
     try:
-        kinds = [media.kind for media in SessionDescription.parse(sdp).media]
+        media = SessionDescription.parse(sdp).media
     except Exception as exc:  # aiortc's parser asserts on malformed lines
         return f"invalid SDP offer: {exc or type(exc).__name__}"
+    kinds = [m.kind for m in media]
     if not kinds:
         return "invalid SDP offer: it has no media sections (m= lines)"
-    if "video" not in kinds:
+    if len(kinds) > max_sections:
+        return f"the offer has {len(kinds)} media sections (m= lines); at most {max_sections} are accepted"
+    videos = kinds.count("video")
+    if videos == 0:
         return "the offer has no video track: send the camera as a video track"
+    if videos > 1:
+        return f"the offer has {videos} video sections; a session takes one video track: send one camera"
+    if any(m.port != 0 and (m.dtls is None or not m.dtls.fingerprints) for m in media):
+        return "invalid SDP offer: a media section has no DTLS fingerprint (a=fingerprint)"
     return None

@@ -17,6 +17,7 @@ from aiortc import (
 
 from stream.config import ConfigError, StreamConfig
 from stream.server import peer
+from stream.server.limits import MAX_MEDIA_SECTIONS
 from stream.server.rtc import check_offer
 from stream.server.session import Session, Viewer, apply_settings
 
@@ -71,7 +72,7 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
     stamped = body.get("stamp", False)
     if not isinstance(stamped, bool):
         return error(400, f"stamp must be true or false, got {stamped!r}")
-    problem = check_offer(body["sdp"])
+    problem = check_offer(body["sdp"], MAX_MEDIA_SECTIONS)
     if problem:
         return error(400, problem)
     try:
@@ -155,7 +156,7 @@ async def whip(server: StreamServer, request: web.Request) -> web.Response:
     sdp = await read_sdp(request)
     if isinstance(sdp, web.Response):
         return sdp
-    problem = check_offer(sdp)
+    problem = check_offer(sdp, MAX_MEDIA_SECTIONS)
     if problem:
         return error(400, problem, cors=True)
     stamped = request.query.get("stamp", "0")
@@ -190,7 +191,7 @@ async def whep(server: StreamServer, request: web.Request) -> web.Response:
         session = server.published
     else:
         return error(404, "no session is running yet: start one in the page or send with WHIP", cors=True)
-    problem = check_offer(sdp)
+    problem = check_offer(sdp, MAX_MEDIA_SECTIONS)
     if problem:
         return error(400, problem, cors=True)
     if len(server.viewers) >= server.max_viewers:
