@@ -55,6 +55,7 @@ class Engine:
         self._prompts: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._tokens: OrderedDict[str, Any] = OrderedDict()
         self._tokens_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         set_attention(self.unet, self.vae, attention)
 
     @classmethod
@@ -107,13 +108,14 @@ class Engine:
             cached = self._tokens.get(prompt)
         if cached is not None:
             return cached
-        tokens = self.tokenizer(
-            prompt,
-            padding="max_length",
-            max_length=self.tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        )
+        with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads at once
+            tokens = self.tokenizer(
+                prompt,
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
+            )
         with self._tokens_lock:
             self._tokens[prompt] = tokens
             while len(self._tokens) > PROMPT_CACHE:

@@ -377,3 +377,75 @@ def test_one_video_section_and_few_media_sections_per_offer(h: Harness) -> None:
     assert answers[3][0] == 400 and "3 video sections" in answers[3][1], answers
     h.kept_streaming(alone, during)
     assert h.proc_status("Threads") <= threads + 4
+
+
+# ---------------------------------------------------------------------- 6. prompt changes
+def test_prompt_changes_are_paced_and_the_newest_wins(h: Harness) -> None:
+    alone = h.rate()
+
+    async def attack() -> tuple[str, dict[str, Any]]:
+        peer = Peer()
+        await peer.connect(h.url, TOKEN)
+        await peer.wait_frames(3)
+        start = time.monotonic()
+        prompt = ""
+        for i in range(60):  # 20 new prompts of the longest accepted length a second, for 3 s
+            prompt = f"{i:02d} " + "a painting of a lighthouse at dusk " * 60
+            prompt = prompt[:2000]
+            reply = await peer.send({"type": "settings", "prompt": prompt})
+            assert reply["type"] == "applied", reply
+            await asyncio.sleep(max(0.0, start + (i + 1) / 20 - time.monotonic()))
+        await asyncio.sleep(1.0)  # the newest pending prompt reaches the model
+        status, stats = await get_json(h.url + "/stats", AUTH)
+        await peer.close()
+        return prompt, next(s for s in stats["sessions"] if s["session"] == peer.session)
+
+    (prompt, seen), during = h.under(attack)
+    assert seen["settings"]["prompt"] == prompt  # the newest wins
+    assert 2 <= seen["prompt_changes"] <= 4.5 / 0.25, seen["prompt_changes"]  # at most 4 a second
+    h.kept_streaming(alone, during)
+
+
+class PromptDenoiser:
+    """A model stand-in that records each prompt it is given and the thread it was given on."""
+
+    skipped = 0
+
+    def __init__(self, config: Any, seen: list[tuple[str, str]]) -> None:
+        self.config, self.seen = config, seen
+
+    def process(self, frame: Any) -> Any:
+        from stream.batch import FrameResult
+
+        return FrameResult(frame.copy(), {"total": 1.0})
+
+    def update(self, config: Any) -> None:
+        if config.prompt != self.config.prompt:
+            self.seen.append((config.prompt, threading.current_thread().name))
+        self.config = config
+
+
+def test_prompts_are_tokenized_off_the_loop_and_the_model_thread(tiny_model_dir: Path) -> None:
+    from tests.test_server import make_server, running
+
+    tokenized: list[tuple[str, str]] = []
+    seen: list[tuple[str, str]] = []
+
+    def tokenize(text: str) -> None:
+        tokenized.append((text, threading.current_thread().name))
+
+    async def main() -> None:
+        server = make_server(lambda config: PromptDenoiser(config, seen), tokenize=tokenize)
+        async with running(server) as url:
+            client = Client([INPUT])
+            await client.connect(url)
+            await client.wait_frames(3)
+            for i in range(10):
+                assert (await client.send({"type": "settings", "prompt": f"p{i}"}))["type"] == "applied"
+            await until(lambda: bool(seen) and seen[-1][0] == "p9", what="the newest prompt applied")
+            await client.close()
+
+    asyncio.run(main())
+    assert [t for t, _ in tokenized if t.startswith("p")][-1] == "p9"
+    assert all(name not in ("stream-model", "MainThread") for _, name in tokenized), tokenized
+    assert len(seen) < 10 and all(name == "stream-model" for _, name in seen), seen

@@ -15,7 +15,13 @@ from aiortc.mediastreams import MediaStreamError
 
 from stream.config import ConfigError
 from stream.server.rtc import discard, low_latency_receiver
-from stream.server.session import MAX_BODY, TELEMETRY_INTERVAL, Session, apply_settings
+from stream.server.session import (
+    MAX_BODY,
+    TELEMETRY_INTERVAL,
+    TEXT_SETTINGS,
+    Session,
+    apply_settings,
+)
 
 if TYPE_CHECKING:
     from stream.server.app import StreamServer
@@ -117,10 +123,51 @@ def on_control(server: StreamServer, session: Session, message: object, channel:
         if not isinstance(data, dict) or data.get("type") != "settings":
             raise ConfigError('control messages are JSON {"type": "settings", ...} of at most 64 KiB')
         changes = {k: v for k, v in data.items() if k != "type"}
-        session.config = apply_settings(session.config, changes, server.sizes, server.limits.max_prompt_chars)
-        reply = {"type": "applied", "settings": {k: getattr(session.config, k) for k in changes}}
+        base = session.pending or session.config
+        new = apply_settings(base, changes, server.sizes, server.limits.max_prompt_chars)
+        if session.pending is not None or any(
+            getattr(new, k) != getattr(session.config, k) for k in TEXT_SETTINGS
+        ):
+            session.pending = new  # a new prompt: paced, tokenized off the model thread (apply_prompts)
+            if session.prompts is None or session.prompts.done():
+                session.prompts = asyncio.create_task(apply_prompts(server, session))
+                session.tasks = [t for t in session.tasks if not t.done()] + [session.prompts]
+        else:
+            session.config = new
+        reply = {"type": "applied", "settings": {k: getattr(new, k) for k in changes}}
     except ConfigError as exc:
         logger.info("session %s: change refused: %s", session.id, exc)
         reply = {"type": "error", "message": str(exc)}
     if channel.readyState == "open":
         channel.send(json.dumps(reply))
+
+
+async def apply_prompts(server: StreamServer, session: Session) -> None:
+    """A session's settings with a new prompt reach the worker at most once per `prompt_interval`; the
+    newest pending settings win. The prompts are tokenized off the event loop and off the model thread
+    (the worker then finds them in the engine's cache)."""
+    interval = server.limits.prompt_interval
+    while session.pending is not None and not session.closed:
+        wait = session.last_prompt + interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        config = session.pending
+        if config is None:
+            return
+        try:
+            if server.tokenize is not None:
+                for text in dict.fromkeys((config.prompt, config.negative_prompt)):
+                    await asyncio.to_thread(server.tokenize, text)
+        except Exception as exc:  # a tokenizer that refuses the text: this change only
+            if session.pending is config:
+                session.pending = None
+            logger.info("session %s: prompt refused by the tokenizer: %s", session.id, exc)
+            session.report(f"the prompt could not be tokenized: {exc}")
+            continue
+        if session.closed:
+            return
+        session.config = config
+        session.prompt_changes += 1
+        session.last_prompt = time.monotonic()
+        if session.pending is config:
+            session.pending = None

@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -100,6 +101,11 @@ class Session:
         self.control: RTCDataChannel | None = None
         self.telemetry: RTCDataChannel | None = None
         self.refused_channels = 0  # data channels beyond control and telemetry, closed at once
+        # Settings with a new prompt wait here for their turn (at most one a --prompt-interval)
+        self.pending: StreamConfig | None = None
+        self.prompts: asyncio.Task[None] | None = None  # peer.apply_prompts, while some are pending
+        self.last_prompt = -math.inf  # time.monotonic() of the last prompt change handed to the worker
+        self.prompt_changes = 0
         self.last_input = time.monotonic()
         self.created = time.monotonic()
         self.closed = False
@@ -165,6 +171,7 @@ class Session:
             **self.monitor.snapshot(time.perf_counter()),  # rates fall to 0 when frames stop
             "adaptive": self.adaptive_state,
             "stamp": self.stamp,
+            "prompt_changes": self.prompt_changes,
             "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
         }
 
