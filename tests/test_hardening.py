@@ -449,3 +449,22 @@ def test_prompts_are_tokenized_off_the_loop_and_the_model_thread(tiny_model_dir:
     assert [t for t, _ in tokenized if t.startswith("p")][-1] == "p9"
     assert all(name not in ("stream-model", "MainThread") for _, name in tokenized), tokenized
     assert len(seen) < 10 and all(name == "stream-model" for _, name in seen), seen
+
+
+# ---------------------------------------------------------------------- 7. deeply nested JSON
+def test_deeply_nested_json_gets_400(h: Harness) -> None:
+    alone = h.rate()
+
+    async def attack() -> list[tuple[int, Any]]:
+        sdp = await offer_sdp()
+        nested_settings = '{"sdp": ' + json.dumps(sdp) + ', "type": "offer", "settings": ' + "[" * 30000 + "}"
+        return [
+            await post_json(h.url + "/offer", "[" * 60000),
+            await post_json(h.url + "/offer", '{"a":' * 10000 + "1" + "}" * 10000),
+            await post_json(h.url + "/offer", nested_settings),
+        ]
+
+    answers, during = h.under(attack)
+    for status, body in answers:
+        assert status == 400 and "nested too deeply" in body["error"], (status, body)
+    h.kept_streaming(alone, during)

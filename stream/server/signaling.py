@@ -62,6 +62,8 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         return error(400, 'the body must be JSON: {"sdp": "...", "type": "offer"}')
+    except RecursionError:  # nested deeper than the JSON parser goes
+        return error(400, 'the body is JSON nested too deeply: send {"sdp": "...", "type": "offer"}')
     if not isinstance(body, dict):
         return error(400, 'the body must be a JSON object: {"sdp": "...", "type": "offer"}')
     for field in ("sdp", "type"):
