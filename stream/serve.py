@@ -29,9 +29,7 @@ def say(message: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from stream.server import StreamServer, parse_ice_server
+    from stream.server import StreamServer, listen, parse_ice_server
 
     # 1. check inputs before the slow model load
     config = config_from_args(args)
@@ -93,7 +91,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         url = f"{base}/" + (f"?token={args.token}" if args.token else "")
         expect = f", expect up to {fps_text(min(speed.fps, args.target_fps))} FPS" if speed else ""
 
-        def announce(_: str) -> None:
+        def announce() -> None:
             size = f"{config.width}x{config.height}"
             say(f"serving {components.name} at {size}{expect} on {url} (Ctrl-C to stop)")
             say(
@@ -101,7 +99,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 + (f", virtual camera {virtualcam.device or 'on'}" if virtualcam is not None else "")
             )
 
-        web.run_app(server.app(), sock=sockets, print=announce)
+        listen.serve(server, sockets, announce)
     finally:
         for sock in sockets:
             sock.close()

@@ -468,3 +468,52 @@ def test_deeply_nested_json_gets_400(h: Harness) -> None:
     for status, body in answers:
         assert status == 400 and "nested too deeply" in body["error"], (status, body)
     h.kept_streaming(alone, during)
+
+
+# ---------------------------------------------------------------------- 8. slow and truncated requests
+async def drip(host: str, port: int, started: float) -> float:
+    """Send a request's headers 1 byte every 0.25 s; the seconds until the server closes the connection."""
+    reader, writer = await asyncio.open_connection(host, port)
+    request = b"POST /offer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 200
+    try:
+        for byte in request:
+            writer.write(bytes([byte]))
+            await writer.drain()
+            try:
+                if await asyncio.wait_for(reader.read(1024), 0.25) == b"":
+                    break
+            except asyncio.TimeoutError:
+                continue
+    except ConnectionError:
+        pass
+    finally:
+        writer.close()
+    return time.monotonic() - started
+
+
+def test_slow_and_truncated_requests_are_bounded(h: Harness) -> None:
+    alone = h.rate()
+    host, port = "127.0.0.1", int(h.url.rsplit(":", 1)[1])
+
+    async def attack() -> tuple[list[float], bytes, float, int]:
+        started = time.monotonic()
+        held = await asyncio.gather(*(drip(host, port, started) for _ in range(12)))
+        # A Content-Length longer than the body: 408 once --read-timeout (2 s) has passed.
+        reader, writer = await asyncio.open_connection(host, port)
+        head = f"POST /offer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n"
+        writer.write(f"{head}Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{{}}".encode())
+        await writer.drain()
+        sent = time.monotonic()
+        answer = await asyncio.wait_for(reader.read(4096), 15)
+        waited = time.monotonic() - sent
+        writer.close()
+        status, _ = await get_json(h.url + "/health")
+        return sorted(held), answer, waited, status
+
+    (held, answer, waited, status), during = h.under(attack)
+    # --max-reading 8: four of the twelve are closed at once; the rest when --read-timeout (2 s) is up.
+    assert max(held[:4]) < 1.5 and max(held) < 8, held
+    assert answer.startswith(b"HTTP/1.1 408") and b"not sent whole within 2 s" in answer, answer
+    assert 1.5 < waited < 8, waited
+    assert status == 200
+    h.kept_streaming(alone, during)

@@ -30,6 +30,7 @@ from stream.models import Components
 from stream.monitor import LatencyMonitor
 from stream.server import signaling
 from stream.server.limits import Limits
+from stream.server.listen import ReadingGuard
 from stream.server.metrics import Metrics
 from stream.server.rtc import parse_ice_server
 from stream.server.session import (
@@ -99,6 +100,7 @@ class StreamServer:
         self.worker: ModelWorker | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Future[None]] = set()  # close_later's tasks, held until done
+        self.reading: ReadingGuard | None = None  # set by listen.serve: slow requests are bounded
         self.started = time.monotonic()
         self.sessions_started = 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -127,7 +129,9 @@ class StreamServer:
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])
+        app = web.Application(
+            client_max_size=MAX_BODY, middlewares=[self._errors, self._read_whole, self._auth]
+        )
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
         app.router.add_get("/stats", self.stats)
@@ -204,6 +208,17 @@ class StreamServer:
                     response.headers["Allow"] = exc.headers["Allow"]
                 return response
             raise
+
+    @web.middleware
+    async def _read_whole(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """A request's body is read within --read-timeout before its handler runs (else 408)."""
+        if self.reading is not None:
+            refused = await self.reading.read(request)
+            if refused is not None:
+                return refused
+        return await handler(request)
 
     @web.middleware
     async def _auth(
