@@ -517,3 +517,59 @@ def test_slow_and_truncated_requests_are_bounded(h: Harness) -> None:
     assert 1.5 < waited < 8, waited
     assert status == 200
     h.kept_streaming(alone, during)
+
+
+# ---------------------------------------------------------------------- 9. peers that never connect or vanish
+def vanish(client: Client) -> None:
+    """The peer goes away without a word (a closed laptop lid): nothing it sends or receives gets through."""
+
+    def noop(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    async def dropped(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    ice = client.pc.getTransceivers()[0].sender.transport.transport
+    for protocol in ice.iceGatherer._connection._protocols:
+        protocol.send_stun = protocol.datagram_received = noop
+        protocol.send_data = dropped
+
+
+def test_peers_that_never_connect_or_vanish_are_freed(h: Harness) -> None:
+    alone = h.rate()
+
+    async def attack() -> tuple[float, float, tuple[int, Any]]:
+        # Never connects: the offer is answered, the answer never used (--connect-timeout 4 s).
+        silent = Client([INPUT])
+        await silent.pc.setLocalDescription(await silent.pc.createOffer())
+        status, answer = await post_json(
+            h.url + "/offer", {"sdp": silent.pc.localDescription.sdp, "type": "offer"}
+        )
+        assert status == 200, answer
+        started = time.monotonic()
+        # Vanishes mid-stream: its ICE consent checks go unanswered (the idle timeout is 30 s).
+        gone = Peer()
+        await gone.connect(h.url, TOKEN)
+        await gone.wait_frames(3)
+        vanish(gone)
+        vanished = time.monotonic()
+        ids = {answer["session"], gone.session}
+        freed: dict[str, float] = {}
+        while len(freed) < 2:
+            running = await session_ids(h.url)
+            for sid in ids - running - set(freed):
+                freed[sid] = time.monotonic()
+            assert time.monotonic() - started < 25, f"not freed: {ids - set(freed)}"
+            await asyncio.sleep(0.25)
+        await silent.close()
+        await gone.close()
+        # An SDP without a DTLS fingerprint: refused up front.
+        sdp = "\r\n".join(x for x in (await offer_sdp()).split("\r\n") if not x.startswith("a=fingerprint"))
+        refused = await post_json(h.url + "/offer", {"sdp": sdp, "type": "offer"})
+        return freed[answer["session"]] - started, freed[gone.session] - vanished, refused
+
+    (never, vanished, refused), during = h.under(attack)
+    assert 3 < never < 10, never
+    assert vanished < 15, vanished
+    assert refused[0] == 400 and "DTLS fingerprint" in refused[1]["error"], refused
+    h.kept_streaming(alone, during)

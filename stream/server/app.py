@@ -32,7 +32,7 @@ from stream.server import signaling
 from stream.server.limits import Limits
 from stream.server.listen import ReadingGuard
 from stream.server.metrics import Metrics
-from stream.server.rtc import parse_ice_server
+from stream.server.rtc import parse_ice_server, quick_consent
 from stream.server.session import (
     MAX_BODY,
     DenoiserFactory,
@@ -165,6 +165,7 @@ class StreamServer:
             max_side=self.limits.max_output_side,
         )
         self.worker.start()
+        quick_consent()  # a peer that vanishes is noticed in seconds, not 30 s
         self._reaper = asyncio.create_task(self._reap())
 
     def _session_failed(self, session: Session, reason: str) -> None:
@@ -367,11 +368,15 @@ class StreamServer:
             await self._reap_once()  # its own frame: no session stays referenced between rounds
 
     async def _reap_once(self) -> None:
-        """Close sessions whose peer went quiet (no video for idle_timeout seconds), and viewers that
-        never connected."""
+        """Close sessions that did not connect within --connect-timeout, sessions whose peer went quiet
+        (no video for idle_timeout seconds), and viewers that never connected. (A peer that vanishes
+        fails its ICE consent checks within seconds: its connection fails, which closes the session.)"""
         now = time.monotonic()
+        connect = self.limits.connect_timeout
         for session in list(self.sessions.values()):
-            if now - session.last_input > self.idle_timeout:
+            if not session.connected and now - session.created > connect:
+                await self.close_session(session, f"not connected within {connect:g} s")
+            elif now - session.last_input > self.idle_timeout:
                 await self.close_session(session, f"idle for {self.idle_timeout:.0f} s")
         for viewer in list(self.viewers.values()):
             if viewer.pc.connectionState != "connected" and now - viewer.answered > VIEWER_CONNECT_TIMEOUT:

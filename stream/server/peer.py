@@ -60,6 +60,8 @@ def wire(server: StreamServer, session: Session) -> None:
     @pc.on("connectionstatechange")
     async def on_state() -> None:
         logger.info("session %s: connection %s", session.id, pc.connectionState)
+        if pc.connectionState == "connected":
+            session.connected = True
         if pc.connectionState in ("failed", "closed"):
             await server.close_session(session, f"connection {pc.connectionState}")
 

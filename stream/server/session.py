@@ -109,6 +109,7 @@ class Session:
         self.last_input = time.monotonic()
         self.created = time.monotonic()
         self.closed = False
+        self.connected = False  # its peer connection has connected (else it is freed after a while)
         self.last_pts = -1  # pts of the last frame sent
         self.last_input_pts: int | None = None
 
