@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 import pytest
+from aiortc import RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from tests.test_serve_startup import free_port
@@ -184,6 +185,18 @@ class Peer(Client):
             return await recv()
 
         self.track.recv = paced_recv  # type: ignore[method-assign]
+        self.view_key = ""
+
+    async def connect(
+        self, url: str, token: str | None = None, settings: dict[str, Any] | None = None, **extra: Any
+    ) -> None:
+        """As Client.connect, keeping the view key the server gives the session's own page."""
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        body = {"sdp": self.pc.localDescription.sdp, "type": "offer", "settings": settings or {}, **extra}
+        status, answer = await post_json(url + "/offer", body, {"Authorization": f"Bearer {token}"})
+        assert status == 200, answer
+        self.session, self.view_key = answer["session"], answer["view_key"]
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
 
 
 # ---------------------------------------------------------------------- 1. text settings
@@ -573,3 +586,114 @@ def test_peers_that_never_connect_or_vanish_are_freed(h: Harness) -> None:
     assert vanished < 15, vanished
     assert refused[0] == 400 and "DTLS fingerprint" in refused[1]["error"], refused
     h.kept_streaming(alone, during)
+
+
+# ---------------------------------------------------------------------- 10. TURN credentials
+def test_turn_credentials_only_to_those_with_the_token(tiny_model_dir: Path) -> None:
+    from tests.test_server import make_server, running
+
+    turn = "turn:alice:s3cr3t@turn.example.org:3478"
+
+    async def main() -> None:
+        for token in ("SECRET", None):
+            server = make_server(lambda config: None, token=token, ice_servers=[turn])
+            async with running(server) as url:
+                public = (await get_json(url + "/health"))[1]
+                authorized = (await get_json(url + "/health", AUTH))[1]
+            assert public["status"] == "ok" and authorized["status"] == "ok"
+            if token:  # public: the address only; with the token: the credentials too
+                assert public["ice_servers"] == [{"urls": "turn:turn.example.org:3478"}], public
+                assert "s3cr3t" not in json.dumps(public)
+            else:  # no token: anyone may start a session, and so needs them
+                assert public["ice_servers"][0]["credential"] == "s3cr3t"
+            assert authorized["ice_servers"][0]["username"] == "alice"
+            assert authorized["ice_servers"][0]["credential"] == "s3cr3t"
+
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------- 11. privacy between users
+async def watch(url: str, session: str, headers: dict[str, str], query: str = "") -> tuple[int, Any]:
+    """POST /whep/{session}: a viewer's offer; (status, error or Location). Ends the viewer it got."""
+    from aiortc import RTCPeerConnection
+
+    pc = RTCPeerConnection()
+    pc.addTransceiver("video", direction="recvonly")
+    await pc.setLocalDescription(await pc.createOffer())
+    try:
+        async with aiohttp.ClientSession() as http:
+            hdrs = {"Content-Type": "application/sdp", **headers}
+            async with http.post(
+                f"{url}/whep/{session}{query}", data=pc.localDescription.sdp, headers=hdrs
+            ) as r:
+                if r.status != 201:
+                    return r.status, (await r.json())["error"], r.headers.get("X-Content-Type-Options")
+                location = r.headers["Location"]
+            async with http.delete(url + location + query, headers=headers) as r:
+                assert r.status == 200
+            return 201, location, None
+    finally:
+        await pc.close()
+
+
+def test_a_session_is_watched_only_with_its_view_key_or_the_token(h: Harness) -> None:
+    alone = h.rate()
+
+    async def attack() -> list[tuple[int, Any, Any]]:
+        peer = Peer()
+        await peer.connect(h.url, TOKEN)
+        await peer.wait_frames(2)
+        key = {"Authorization": f"Bearer {peer.view_key}"}
+        results = [
+            await watch(h.url, h.good.session, {}),  # anyone
+            await watch(h.url, h.good.session, key),  # another session's key
+            await watch(h.url, h.good.session, {}, f"?key={peer.view_key}"),
+            await watch(h.url, peer.session, key),  # its own key
+            await watch(h.url, peer.session, {}, f"?key={peer.view_key}"),
+            await watch(h.url, h.good.session, AUTH),  # the server's token
+        ]
+        await peer.close()
+        return results
+
+    results, during = h.under(attack)
+    for status, message, nosniff in results[:3]:
+        assert status == 401 and "view key" in message and nosniff == "nosniff", (status, message)
+    assert [r[0] for r in results[3:]] == [201, 201, 201], results
+    h.kept_streaming(alone, during)
+
+
+def test_prompts_in_stats_only_to_the_token(tiny_model_dir: Path) -> None:
+    from tests.test_server import make_server, running
+
+    async def main() -> None:
+        for token in (None, "SECRET"):
+            server = make_server(lambda config: PromptDenoiser(config, []), token=token)
+            async with running(server) as url:
+                client = Client([INPUT])
+                await client.connect(url, token, settings={"prompt": "my private prompt"})
+                await client.wait_frames(2)
+                status, stats = await get_json(url + "/stats", {"Authorization": "Bearer SECRET"})
+                await client.close()
+            assert status == 200 and stats["session_count"] == 1
+            settings = stats["sessions"][0]["settings"]
+            if token:
+                assert settings["prompt"] == "my private prompt"
+            else:  # nobody holds the server's token: nobody reads other users' prompts
+                assert "prompt" not in settings and "negative_prompt" not in settings
+                assert "my private prompt" not in json.dumps(stats) and settings["steps"] == 2
+
+
+def test_listening_on_every_interface_without_a_token_warns(capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+
+    from stream.cli import main
+
+    with socket.socket() as taken:  # the port is taken: the command stops before loading the model
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        assert main(["serve", "--model", "tiny", "--host", "0.0.0.0", "--port", port]) == 2
+        err = capsys.readouterr().err
+        assert "--host 0.0.0.0 without --token" in err and "pass --token" in err
+        assert main(["serve", "--model", "tiny", "--host", "0.0.0.0", "--port", port, "--token", "t"]) == 2
+        assert "without --token" not in capsys.readouterr().err

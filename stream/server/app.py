@@ -35,6 +35,7 @@ from stream.server.metrics import Metrics
 from stream.server.rtc import parse_ice_server, quick_consent
 from stream.server.session import (
     MAX_BODY,
+    TEXT_SETTINGS,
     DenoiserFactory,
     ProcessedTrack,
     Session,
@@ -228,10 +229,11 @@ class StreamServer:
         guarded = request.path in ("/offer", "/stats", "/metrics") or request.path.startswith(
             ("/whip", "/whep")
         )
+        if request.path.startswith("/whep/"):  # one session's viewers: its view key or the token (whep)
+            guarded = False
         if self.token and guarded and request.method != "OPTIONS":  # CORS preflights carry no token
             given = request.headers.get("Authorization", "")
-            expected = f"Bearer {self.token}".encode()
-            if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
+            if not self.is_admin(request):
                 logger.info(
                     "refused %s %s: %s token", request.method, request.path, "wrong" if given else "no"
                 )
@@ -241,6 +243,16 @@ class StreamServer:
                     cors=request.path.startswith(("/whip", "/whep")),
                 )
         return await handler(request)
+
+    def is_admin(self, request: web.Request) -> bool:
+        """Whether the request carries the server's token (--token); without one, nobody does."""
+        return self.token is not None and _same(_bearer(request), self.token)
+
+    def may_watch(self, request: web.Request, session: Session) -> bool:
+        """Whether the request may watch `session`: its view key (as the Bearer token or ?key=), or the
+        server's token."""
+        keys = (_bearer(request), request.query.get("key", ""))
+        return self.is_admin(request) or any(_same(key, session.view_key) for key in keys)
 
     # ------------------------------------------------------------------ handlers
     async def index(self, request: web.Request) -> web.StreamResponse:
@@ -263,8 +275,11 @@ class StreamServer:
                 "sessions": len(self.sessions),
                 "max_sessions": self.max_sessions,
                 "auth": bool(self.token),
+                # credentials (TURN) only to those who may start sessions; the rest get the addresses
                 "ice_servers": [
                     {"urls": s.urls, "username": s.username, "credential": s.credential}
+                    if self.token is None or self.is_admin(request)
+                    else {"urls": s.urls}
                     for s in self.ice_servers
                 ],
                 "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
@@ -275,6 +290,9 @@ class StreamServer:
 
     async def stats(self, request: web.Request) -> web.Response:
         sessions = [s.snapshot() for s in self.sessions.values()]
+        if not self.is_admin(request):  # users' prompts only to the server's token
+            for snap in sessions:
+                snap["settings"] = {k: v for k, v in snap["settings"].items() if k not in TEXT_SETTINGS}
         return web.json_response(
             {
                 "model": self.model_name,
@@ -412,3 +430,13 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
+
+
+def _bearer(request: web.Request) -> str:
+    auth = request.headers.get("Authorization", "")
+    return auth[7:] if auth.startswith("Bearer ") else ""
+
+
+def _same(given: str, expected: str) -> bool:
+    """A constant-time comparison of secrets (any text the client sent, even not UTF-8)."""
+    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())

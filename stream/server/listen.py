@@ -65,7 +65,9 @@ class ReadingGuard:
                 await asyncio.wait_for(request.read(), self.timeout)
         except asyncio.TimeoutError:
             response = web.json_response(
-                {"error": f"the request was not sent whole within {self.timeout:g} s"}, status=408
+                {"error": f"the request was not sent whole within {self.timeout:g} s"},
+                status=408,
+                headers={"X-Content-Type-Options": "nosniff"},
             )
             response.force_close()
             return response

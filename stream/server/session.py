@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import math
+import secrets
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -75,6 +76,7 @@ class Session:
         kind: str = "browser",
     ) -> None:
         self.id = session_id
+        self.view_key = secrets.token_urlsafe(16)  # for its own page: watching it (WHEP) needs this key
         self.kind = kind  # "browser" (POST /offer) or "whip" (POST /whip: OBS and other encoders)
         self.pc = pc
         # The user's settings, validated, and their version (one more with every change): the worker

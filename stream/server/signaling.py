@@ -37,7 +37,8 @@ CORS = {
 
 
 def error(status: int, message: str, cors: bool = False) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=CORS if cors else None)
+    headers = {**(CORS if cors else {}), "X-Content-Type-Options": "nosniff"}
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 async def read_sdp(request: web.Request) -> str | web.Response:
@@ -87,7 +88,10 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
     if isinstance(started, web.Response):
         return started
     answer = started.pc.localDescription
-    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": started.id})
+    # the view key goes only to this page: /view?session=ID&key=KEY (or WHEP with it as the Bearer token)
+    return web.json_response(
+        {"sdp": answer.sdp, "type": answer.type, "session": started.id, "view_key": started.view_key}
+    )
 
 
 async def start_session(
@@ -189,6 +193,13 @@ async def whep(server: StreamServer, request: web.Request) -> web.Response:
         session = server.sessions.get(wanted)
         if session is None:
             return error(404, f"no session {wanted!r}: see /stats for the running ones", cors=True)
+        if not server.may_watch(request, session):
+            return error(
+                401,
+                f"watching session {wanted!r} needs its view key (given to its page) or the server's "
+                "token: send 'Authorization: Bearer <key>' or add ?key=<key>",
+                cors=True,
+            )
     elif server.published is not None and not server.published.closed:
         session = server.published
     else:
@@ -232,6 +243,8 @@ async def whep_delete(server: StreamServer, request: web.Request) -> web.Respons
     viewer = server.viewers.get(request.match_info["viewer"])
     if viewer is None or viewer.session.id != request.match_info["session"]:
         return error(404, f"no viewer {request.match_info['viewer']!r} (ended already?)", cors=True)
+    if server.token and not server.may_watch(request, viewer.session):
+        return error(401, "ending a viewer needs its session's view key or the server's token", cors=True)
     await server.close_viewer(viewer, "ended by its WHEP client (DELETE)")
     return web.Response(status=200, headers=CORS)
 
