@@ -2,7 +2,8 @@
 
 One server process for the module, and one good session streaming on a client loop thread throughout.
 Each test measures the good session's frame rate alone, then attacks, and asserts the refusal or the
-limit AND that the good session kept at least 40% of its own rate (loose: a loaded 2-core machine).
+limit AND that the good session kept at least 40% of its own rate alone (loose: a loaded 2-core
+machine), and that /health still says ok.
 """
 
 from __future__ import annotations
@@ -94,8 +95,13 @@ class Harness:
         return self.run(measure(), timeout=120)
 
     def kept_streaming(self, alone: float, during: float) -> None:
+        """The good session kept FLOOR of its rate alone, measured before the attack and again after it
+        (the lower of the two: other work on a shared machine comes and goes)."""
+        again = self.rate(1.0)
         assert alone > 1.0, f"the good session alone got {alone:.1f} FPS"
-        assert during >= FLOOR * alone, f"the good session fell from {alone:.1f} to {during:.1f} FPS"
+        assert during >= FLOOR * min(alone, again), (
+            f"the good session fell from {alone:.1f} (after: {again:.1f}) to {during:.1f} FPS"
+        )
         health = self.run(get_json(self.url + "/health"))
         assert health[0] == 200 and health[1]["status"] == "ok", health
 
