@@ -8,7 +8,6 @@ import contextlib
 import functools
 import importlib.resources
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -28,9 +27,9 @@ from stream.engine import Engine
 from stream.media import FrameSink, SinkError
 from stream.models import Components
 from stream.monitor import LatencyMonitor
-from stream.server import signaling
+from stream.server import auth, signaling
 from stream.server.limits import Limits
-from stream.server.listen import ReadingGuard
+from stream.server.listen import ReadingGuard, read_whole
 from stream.server.metrics import Metrics
 from stream.server.rtc import parse_ice_server, quick_consent
 from stream.server.session import (
@@ -131,7 +130,7 @@ class StreamServer:
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=MAX_BODY, middlewares=[self._errors, self._read_whole, self._auth]
+            client_max_size=MAX_BODY, middlewares=[self._errors, read_whole(self), auth.middleware(self)]
         )
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
@@ -211,49 +210,6 @@ class StreamServer:
                 return response
             raise
 
-    @web.middleware
-    async def _read_whole(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        """A request's body is read within --read-timeout before its handler runs (else 408)."""
-        if self.reading is not None:
-            refused = await self.reading.read(request)
-            if refused is not None:
-                return refused
-        return await handler(request)
-
-    @web.middleware
-    async def _auth(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        guarded = request.path in ("/offer", "/stats", "/metrics") or request.path.startswith(
-            ("/whip", "/whep")
-        )
-        if request.path.startswith("/whep/"):  # one session's viewers: its view key or the token (whep)
-            guarded = False
-        if self.token and guarded and request.method != "OPTIONS":  # CORS preflights carry no token
-            given = request.headers.get("Authorization", "")
-            if not self.is_admin(request):
-                logger.info(
-                    "refused %s %s: %s token", request.method, request.path, "wrong" if given else "no"
-                )
-                return error(
-                    401,
-                    "missing or wrong token: send the header 'Authorization: Bearer <token>'",
-                    cors=request.path.startswith(("/whip", "/whep")),
-                )
-        return await handler(request)
-
-    def is_admin(self, request: web.Request) -> bool:
-        """Whether the request carries the server's token (--token); without one, nobody does."""
-        return self.token is not None and _same(_bearer(request), self.token)
-
-    def may_watch(self, request: web.Request, session: Session) -> bool:
-        """Whether the request may watch `session`: its view key (as the Bearer token or ?key=), or the
-        server's token."""
-        keys = (_bearer(request), request.query.get("key", ""))
-        return self.is_admin(request) or any(_same(key, session.view_key) for key in keys)
-
     # ------------------------------------------------------------------ handlers
     async def index(self, request: web.Request) -> web.StreamResponse:
         page = WEB_DIR / "index.html"
@@ -278,7 +234,7 @@ class StreamServer:
                 # credentials (TURN) only to those who may start sessions; the rest get the addresses
                 "ice_servers": [
                     {"urls": s.urls, "username": s.username, "credential": s.credential}
-                    if self.token is None or self.is_admin(request)
+                    if self.token is None or auth.is_admin(self, request)
                     else {"urls": s.urls}
                     for s in self.ice_servers
                 ],
@@ -290,7 +246,7 @@ class StreamServer:
 
     async def stats(self, request: web.Request) -> web.Response:
         sessions = [s.snapshot() for s in self.sessions.values()]
-        if not self.is_admin(request):  # users' prompts only to the server's token
+        if not auth.is_admin(self, request):  # users' prompts only to the server's token
             for snap in sessions:
                 snap["settings"] = {k: v for k, v in snap["settings"].items() if k not in TEXT_SETTINGS}
         return web.json_response(
@@ -430,13 +386,3 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(30)
-
-
-def _bearer(request: web.Request) -> str:
-    auth = request.headers.get("Authorization", "")
-    return auth[7:] if auth.startswith("Bearer ") else ""
-
-
-def _same(given: str, expected: str) -> bool:
-    """A constant-time comparison of secrets (any text the client sent, even not UTF-8)."""
-    return secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())

@@ -9,8 +9,8 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Callable
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -114,3 +114,19 @@ def serve(server: StreamServer, sockets: list[socket.socket], on_listening: Call
         loop.run_until_complete(loop.shutdown_asyncgens())
         asyncio.set_event_loop(None)
         loop.close()
+
+
+def read_whole(server: StreamServer) -> Callable[..., Any]:
+    """Middleware: a request's body is read within --read-timeout before its handler runs (else 408)."""
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if server.reading is not None:
+            refused = await server.reading.read(request)
+            if refused is not None:
+                return refused
+        return await handler(request)
+
+    return middleware

@@ -16,7 +16,7 @@ from aiortc import (
 )
 
 from stream.config import ConfigError, StreamConfig
-from stream.server import peer
+from stream.server import auth, peer
 from stream.server.limits import MAX_MEDIA_SECTIONS
 from stream.server.rtc import check_offer
 from stream.server.session import Session, Viewer, apply_settings
@@ -193,7 +193,7 @@ async def whep(server: StreamServer, request: web.Request) -> web.Response:
         session = server.sessions.get(wanted)
         if session is None:
             return error(404, f"no session {wanted!r}: see /stats for the running ones", cors=True)
-        if not server.may_watch(request, session):
+        if not auth.may_watch(server, request, session):
             return error(
                 401,
                 f"watching session {wanted!r} needs its view key (given to its page) or the server's "
@@ -243,7 +243,7 @@ async def whep_delete(server: StreamServer, request: web.Request) -> web.Respons
     viewer = server.viewers.get(request.match_info["viewer"])
     if viewer is None or viewer.session.id != request.match_info["session"]:
         return error(404, f"no viewer {request.match_info['viewer']!r} (ended already?)", cors=True)
-    if server.token and not server.may_watch(request, viewer.session):
+    if server.token and not auth.may_watch(server, request, viewer.session):
         return error(401, "ending a viewer needs its session's view key or the server's token", cors=True)
     await server.close_viewer(viewer, "ended by its WHEP client (DELETE)")
     return web.Response(status=200, headers=CORS)
