@@ -703,3 +703,32 @@ def test_listening_on_every_interface_without_a_token_warns(capsys: pytest.Captu
         assert "--host 0.0.0.0 without --token" in err and "pass --token" in err
         assert main(["serve", "--model", "tiny", "--host", "0.0.0.0", "--port", port, "--token", "t"]) == 2
         assert "without --token" not in capsys.readouterr().err
+
+
+def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.CaptureFixture[str]) -> None:
+    from stream.cli import build_parser, main
+
+    serve = next(
+        a
+        for a in build_parser()._subparsers._group_actions[0].choices.items()
+        if a[0] == "serve"  # type: ignore[union-attr]
+    )[1]
+    text = " ".join(serve.format_help().split())
+    for flag, default in [
+        ("--max-prompt-chars", "2000"),
+        ("--prompt-interval", "0.25"),
+        ("--max-input-side", "1920"),
+        ("--max-output-side", "640"),
+        ("--read-timeout", "10.0"),
+        ("--max-reading", "32"),
+        ("--connect-timeout", "10.0"),
+    ]:
+        assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1][:400], flag
+    for bad, words in [
+        (["--max-prompt-chars", "0"], "--max-prompt-chars must be a whole number >= 1, got 0"),
+        (["--read-timeout", "nan"], "--read-timeout must be > 0 seconds, got nan"),
+        (["--prompt-interval", "-1"], "--prompt-interval must be >= 0 seconds, got -1.0"),
+    ]:
+        assert main(["serve", "--model", "tiny", *bad]) == 2
+        err = capsys.readouterr().err
+        assert words in err and "Traceback" not in err, err
