@@ -71,7 +71,7 @@ class Harness:
     def run(self, coro: Awaitable[T], timeout: float = 60.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)  # type: ignore[arg-type]
 
-    def rate(self, seconds: float = 1.5) -> float:
+    def rate(self, seconds: float = 1.0) -> float:
         """The good session's received frames per second, alone."""
 
         async def measure() -> float:
@@ -81,7 +81,7 @@ class Harness:
 
         return self.run(measure())
 
-    def under(self, attack: Callable[[], Awaitable[T]], seconds: float = 2.0) -> tuple[T, float]:
+    def under(self, attack: Callable[[], Awaitable[T]], seconds: float = 1.5) -> tuple[T, float]:
         """Run `attack` (at least `seconds` are measured); its result and the good session's rate meanwhile."""
 
         async def measure() -> tuple[T, float]:
@@ -97,7 +97,7 @@ class Harness:
     def kept_streaming(self, alone: float, during: float) -> None:
         """The good session kept FLOOR of its rate alone, measured before the attack and again after it
         (the lower of the two: other work on a shared machine comes and goes)."""
-        again = self.rate(1.0)
+        again = self.rate(0.75)
         assert alone > 1.0, f"the good session alone got {alone:.1f} FPS"
         assert during >= FLOOR * min(alone, again), (
             f"the good session fell from {alone:.1f} (after: {again:.1f}) to {during:.1f} FPS"
@@ -119,11 +119,8 @@ class Harness:
         self.run(self.good.close())
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
-        self.proc.terminate()
-        try:
-            self.proc.wait(20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.proc.kill()  # its clean shutdown is tested elsewhere (tests/test_cli.py)
+        self.proc.wait(20)
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +128,7 @@ def h(tiny_model_dir: Path) -> Iterator[Harness]:
     port = free_port()
     log = Path(tempfile.mkdtemp(prefix="stream-hardening-")) / "server.log"
     args = ["--model", "tiny", "--token", TOKEN, "--width", "64", "--height", "64", "--port", str(port)]
-    args += ["--max-sessions", "6", "--connect-timeout", "4", "--read-timeout", "2", "--max-reading", "8"]
+    args += ["--max-sessions", "6", "--connect-timeout", "3", "--read-timeout", "2", "--max-reading", "8"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "stream", "serve", *args],
@@ -246,7 +243,7 @@ def test_frame_rates_fall_to_zero_when_frames_stop(h: Harness) -> None:
         mine = next(s for s in stats["sessions"] if s["session"] == quiet.session)
         assert mine["fps_in"] > 3 and mine["fps_out"] > 3, mine
         quiet.sending.clear()
-        await asyncio.sleep(3.5)
+        await asyncio.sleep(2.8)  # over the 2 s of silence after which a rate is 0
         status, stats = await get_json(h.url + "/stats", AUTH)
         async with aiohttp.ClientSession() as http, http.get(h.url + "/metrics", headers=AUTH) as r:
             metrics = await r.text()
@@ -408,7 +405,7 @@ def test_prompt_changes_are_paced_and_the_newest_wins(h: Harness) -> None:
         await peer.wait_frames(3)
         start = time.monotonic()
         prompt = ""
-        for i in range(60):  # 20 new prompts of the longest accepted length a second, for 3 s
+        for i in range(40):  # 20 new prompts of the longest accepted length a second, for 2 s
             prompt = f"{i:02d} " + "a painting of a lighthouse at dusk " * 60
             prompt = prompt[:2000]
             reply = await peer.send({"type": "settings", "prompt": prompt})
@@ -421,7 +418,7 @@ def test_prompt_changes_are_paced_and_the_newest_wins(h: Harness) -> None:
 
     (prompt, seen), during = h.under(attack)
     assert seen["settings"]["prompt"] == prompt  # the newest wins
-    assert 2 <= seen["prompt_changes"] <= 4.5 / 0.25, seen["prompt_changes"]  # at most 4 a second
+    assert 2 <= seen["prompt_changes"] <= 3.5 / 0.25, seen["prompt_changes"]  # at most 4 a second
     h.kept_streaming(alone, during)
 
 
@@ -558,7 +555,7 @@ def test_peers_that_never_connect_or_vanish_are_freed(h: Harness) -> None:
     alone = h.rate()
 
     async def attack() -> tuple[float, float, tuple[int, Any]]:
-        # Never connects: the offer is answered, the answer never used (--connect-timeout 4 s).
+        # Never connects: the offer is answered, the answer never used (--connect-timeout 3 s).
         silent = Client([INPUT])
         await silent.pc.setLocalDescription(await silent.pc.createOffer())
         status, answer = await post_json(
@@ -588,7 +585,7 @@ def test_peers_that_never_connect_or_vanish_are_freed(h: Harness) -> None:
         return freed[answer["session"]] - started, freed[gone.session] - vanished, refused
 
     (never, vanished, refused), during = h.under(attack)
-    assert 3 < never < 10, never
+    assert 2 < never < 10, never
     assert vanished < 15, vanished
     assert refused[0] == 400 and "DTLS fingerprint" in refused[1]["error"], refused
     h.kept_streaming(alone, during)
