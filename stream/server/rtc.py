@@ -1,5 +1,6 @@
 """Everything this server takes from aiortc beyond its public API, in one place: the low-latency jitter
-buffer, the SDP parser used to check offers, and small helpers around tracks and ICE servers."""
+buffer, quicker ICE consent checks (aioice), the SDP parser used to check offers, and small helpers
+around tracks and ICE servers."""
 
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ async def aiortc_internals_missing() -> list[str]:
     ]
     buffer = JitterBuffer(capacity=16, is_video=True)
     missing += [f"JitterBuffer().{name}" for name in _BUFFER_FIELDS if not hasattr(buffer, name)]
+    import aioice.ice
+
+    missing += [f"aioice.ice.{name}" for name in _CONSENT_SETTINGS if not hasattr(aioice.ice, name)]
     pc = RTCPeerConnection()
     try:
         receiver = pc.addTransceiver("video").receiver
@@ -76,13 +80,14 @@ async def aiortc_internals_missing() -> list[str]:
 # checks, its connection fails (and its session is freed) within about 5 s.
 CONSENT_INTERVAL_S = 1
 CONSENT_FAILURES = 4
+_CONSENT_SETTINGS = ("CONSENT_INTERVAL", "CONSENT_FAILURES")  # aioice's (tests/test_rtc.py checks them)
 
 
 def quick_consent() -> bool:
     """Make ICE consent checks (RFC 7675) quick to notice a peer that vanished (aioice's module settings)."""
     import aioice.ice
 
-    if not all(hasattr(aioice.ice, name) for name in ("CONSENT_INTERVAL", "CONSENT_FAILURES")):
+    if not all(hasattr(aioice.ice, name) for name in _CONSENT_SETTINGS):
         logger.warning("could not shorten ICE consent checks: this aioice version is not the one expected")
         return False
     aioice.ice.CONSENT_INTERVAL = CONSENT_INTERVAL_S  # type: ignore[attr-defined]
