@@ -112,7 +112,8 @@ async def measure(base: str, path: str, clip: StampedClip, warmup: float, second
         viewer.on("track", lambda track: tasks.append(asyncio.ensure_future(receiver.read(track))))
         await viewer.setLocalDescription(await viewer.createOffer())
         session = location.rsplit("/", 1)[-1]
-        body, _ = await post(f"{base}/whep/{session}", viewer.localDescription.sdp, "application/sdp")
+        # POST /whep plays the newest session, this one (as /view does); /whep/{id} needs its view key
+        body, _ = await post(f"{base}/whep", viewer.localDescription.sdp, "application/sdp")
         await viewer.setRemoteDescription(RTCSessionDescription(sdp=body, type="answer"))
     else:
         sender.addTransceiver(clip, direction="sendrecv")

@@ -20,6 +20,7 @@ from stream.args import (
     add_budget_arguments,
     add_cluster_arguments,
     add_config_arguments,
+    add_limit_arguments,
     add_stream_batch_arguments,
     check_budget_arguments,
     config_from_args,
@@ -116,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_budget_arguments(serve, "on")
     add_cluster_arguments(serve)
+    add_limit_arguments(serve)
     add_config_arguments(
         serve,
         size_default="512; on a CPU, the largest offered size that holds --target-fps, measured at start-up",

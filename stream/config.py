@@ -115,6 +115,8 @@ class StreamConfig:
         _require(isinstance(self.stream_batch, bool), "stream_batch", self.stream_batch, "true or false")
         _require(isinstance(self.prompt, str), "prompt", self.prompt, "a string")
         _require(isinstance(self.negative_prompt, str), "negative_prompt", self.negative_prompt, "a string")
+        _text("prompt", self.prompt)
+        _text("negative_prompt", self.negative_prompt)
         _require(_is_device(self.device), "device", self.device, "`auto`, `cpu`, `cuda`, `cuda:N` or `mps`")
         # 2. sizes and counts
         for name in ("width", "height"):
@@ -224,6 +226,18 @@ class StreamConfig:
 def _require(ok: bool, name: str, value: object, allowed: str) -> None:
     if not ok:
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _text(name: str, value: str) -> None:
+    """Text a tokenizer can take: valid Unicode (a lone surrogate from JSON's \\ud800 is not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = value[exc.start]
+        raise ConfigError(
+            f"{name} must be valid Unicode text: character {exc.start + 1} is a lone surrogate "
+            f"(U+{ord(bad):04X}); send the text as UTF-8"
+        ) from None
 
 
 def _choice(name: str, value: object, allowed: tuple[str, ...]) -> None:

@@ -75,6 +75,7 @@ class Engine:
         self.prompt_version = 0  # bumped when cached embeddings go stale (a LoRA re-fused)
         self._tokens: OrderedDict[str, Any] = OrderedDict()
         self._tokens_lock = threading.Lock()
+        self._tokenizer_lock = threading.Lock()
         set_attention(self.unet, self.vae, attention)
         self._unet_forward = compile_module(self.unet, compile_mode, graphs)
         pool = torch.cuda.graph_pool_handle() if graphs else None  # one pool: the calls never overlap
@@ -170,16 +171,17 @@ class Engine:
             cached = self._tokens.get(prompt)
         if cached is not None:
             return cached
-        if self.text_encoder_2 is not None:
-            tokens = sdxl.tokenize((self.tokenizer, self.tokenizer_2), prompt)
-        else:
-            tokens = self.tokenizer(
-                prompt,
-                padding="max_length",
-                max_length=self.tokenizer.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            )
+        with self._tokenizer_lock:  # a fast tokenizer is not safe to call from two threads at once
+            if self.text_encoder_2 is not None:
+                tokens = sdxl.tokenize((self.tokenizer, self.tokenizer_2), prompt)
+            else:
+                tokens = self.tokenizer(
+                    prompt,
+                    padding="max_length",
+                    max_length=self.tokenizer.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                )
         with self._tokens_lock:
             self._tokens[prompt] = tokens
             while len(self._tokens) > PROMPT_CACHE:

@@ -18,6 +18,8 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
+SILENCE_S = 2.0  # seconds without a frame after which a stream's rate is 0
+
 # The order in which stages are shown; unet_N stages sit after `denoise`'s other parts.
 STAGE_ORDER = (
     "total",
@@ -82,11 +84,19 @@ class RollingStats:
         values = list(self.samples.get(key, ()))
         return tuple(percentile(values, q) for q in qs)
 
-    def fps(self) -> float:
-        """Frames per second over the window (0 until two frames have been seen)."""
+    def fps(self, now: float | None = None) -> float:
+        """Frames per second over the window (0 until two frames have been seen). With `now` (on the
+        clock of the stamps), the rate as of then: a pause longer than a frame interval lowers it, and
+        after SILENCE_S (or three intervals of a slow stream) without a frame it is 0."""
         if len(self.stamps) < 2 or self.stamps[-1] <= self.stamps[0]:
             return 0.0
-        return (len(self.stamps) - 1) / (self.stamps[-1] - self.stamps[0])
+        frames, span = len(self.stamps) - 1, self.stamps[-1] - self.stamps[0]
+        if now is None:
+            return frames / span
+        interval, gap = span / frames, now - self.stamps[-1]
+        if gap > max(SILENCE_S, 3 * interval):
+            return 0.0
+        return frames / (span + max(0.0, gap - interval))
 
 
 # ---------------------------------------------------------------------- the monitor
@@ -139,13 +149,14 @@ class LatencyMonitor:
             table[stage] = {"p50": _num(p50), "p95": _num(p95), "p99": _num(p99)}
         return table
 
-    def snapshot(self) -> dict[str, Any]:
+    def snapshot(self, now: float | None = None) -> dict[str, Any]:
+        """Figures for /stats and telemetry; rates as of `now` (time.perf_counter()) when given."""
         p95 = self.budget_p95()
         return {
             "frames": self.out.count,
             "frames_in": self.inputs.count,
-            "fps_in": round(self.inputs.fps(), 2),
-            "fps_out": round(self.out.fps(), 2),
+            "fps_in": round(self.inputs.fps(now), 2),
+            "fps_out": round(self.out.fps(now), 2),
             "drops": self.drops,
             "skipped": self.skipped,
             "latency_ms": self.latency(),

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from stream.args import UsageError, check_budget_arguments, config_from_args
+from stream.args import UsageError, check_budget_arguments, config_from_args, limits_from_args
 from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.devices import resolve_device
@@ -29,9 +29,7 @@ def say(message: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from stream.server import StreamServer, parse_ice_server
+    from stream.server import StreamServer, listen, parse_ice_server
 
     # 1. check inputs before the slow model load
     config = config_from_args(args)
@@ -50,6 +48,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise UsageError(f"--max-viewers must be 0 or more, got {args.max_viewers}")
     if args.virtualcam_device and not args.virtualcam:
         raise UsageError("--virtualcam-device needs --virtualcam")
+    limits = limits_from_args(args)
+    if args.token is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        say(
+            f"warning: --host {args.host} without --token: anyone who can reach this machine can start "
+            "sessions and watch the newest one (/view); pass --token to require a token"
+        )
     if any(getattr(args, flag, None) is not None for flag in ("cluster", "workers", "rtc_ports")):
         from stream.cluster.serve import cmd_serve_cluster  # Ray only when asked for
 
@@ -84,13 +88,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
             virtualcam=virtualcam,
             sizes=sizes,
             batching=args.batching == "on",
+            limits=limits,
         )
         # 4. serve; the address is printed once the socket listens
         base = f"http://{url_host(args.host)}:{args.port}"
         url = f"{base}/" + (f"?token={args.token}" if args.token else "")
         expect = f", expect up to {fps_text(min(speed.fps, args.target_fps))} FPS" if speed else ""
 
-        def announce(_: str) -> None:
+        def announce() -> None:
             size = f"{config.width}x{config.height}"
             say(f"serving {components.name} at {size}{expect} on {url} (Ctrl-C to stop)")
             say(
@@ -98,7 +103,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 + (f", virtual camera {virtualcam.device or 'on'}" if virtualcam is not None else "")
             )
 
-        web.run_app(server.app(), sock=sockets, print=announce)
+        listen.serve(server, sockets, announce)
     finally:
         for sock in sockets:
             sock.close()

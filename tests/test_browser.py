@@ -131,7 +131,8 @@ def test_view_page_plays_a_sessions_output_over_whep(
             wait_connected(sender)
             wait_frames_decoded(sender, 3)
             session = next(iter(server.sessions))
-            for query in (f"?session={session}", ""):  # by id, and the newest session
+            key = server.sessions[session].view_key  # the session's own page has it (the /offer answer)
+            for query in (f"?session={session}&key={key}", ""):  # by id, and the newest session
                 view = browser.new_page(viewport={"width": 640, "height": 360})
                 view.on("pageerror", lambda e: errors.append(str(e)))
                 view.goto(f"http://127.0.0.1:{running.port}/view{query}")

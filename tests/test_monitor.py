@@ -230,3 +230,20 @@ def test_stages_that_stop_running_leave_the_latency_table() -> None:
     assert "unet_4" in monitor.latency()  # still within its last STALE_FRAMES frames
     monitor.frame_out(one)
     assert set(monitor.latency()) == {"total", "denoise", "unet_1"}
+
+
+def test_rates_fall_to_zero_when_frames_stop() -> None:
+    monitor = LatencyMonitor(target_fps=24)
+    for i in range(48):
+        monitor.frame_in(now=i / 24)
+        monitor.frame_out({"total": 10.0}, now=i / 24)
+    last = 47 / 24
+    assert math.isclose(monitor.snapshot(now=last + 0.01)["fps_out"], 24.0)
+    slowed = monitor.snapshot(now=last + 1.0)
+    assert 0 < slowed["fps_out"] < 24.0 * 0.75 and 0 < slowed["fps_in"] < 24.0 * 0.75
+    stopped = monitor.snapshot(now=last + 10.0)
+    assert stopped["fps_out"] == 0 and stopped["fps_in"] == 0
+    slow = LatencyMonitor(target_fps=24)  # a stream at 0.2 FPS is not called stopped between frames
+    for i in range(5):
+        slow.frame_out({"total": 10.0}, now=i * 5.0)
+    assert 0.1 < slow.snapshot(now=20.0 + 4.0)["fps_out"] <= 0.2

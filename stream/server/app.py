@@ -8,7 +8,6 @@ import contextlib
 import functools
 import importlib.resources
 import logging
-import secrets
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -24,14 +23,18 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Histogram,
 
 from stream.config import LIVE_SETTINGS, StreamConfig
 from stream.denoiser import StreamDenoiser
+from stream.engine import Engine
 from stream.media import FrameSink, SinkError
 from stream.models import Components
 from stream.monitor import LatencyMonitor
-from stream.server import signaling
+from stream.server import auth, signaling
+from stream.server.limits import Limits
+from stream.server.listen import ReadingGuard, read_whole
 from stream.server.metrics import Metrics
-from stream.server.rtc import parse_ice_server
+from stream.server.rtc import parse_ice_server, quick_consent
 from stream.server.session import (
     MAX_BODY,
+    TEXT_SETTINGS,
     DenoiserFactory,
     ProcessedTrack,
     Session,
@@ -72,8 +75,12 @@ class StreamServer:
         virtualcam: FrameSink | None = None,
         batching: bool = True,
         sizes: list[tuple[int, int]] | None = None,
+        limits: Limits | None = None,
+        tokenize: Callable[[str], object] | None = None,
     ) -> None:
         self.config = config
+        self.limits = limits or Limits()  # what one peer may cost (stream/server/limits.py)
+        self.tokenize = tokenize  # text -> tokens, safe off the model thread (Engine.tokenize), or None
         self.batching = batching  # sessions of one size share one batch per round (False: one at a time)
         # the sizes a session may pick (the page's size menu); the server's own size is one of them
         self.sizes = sorted(
@@ -95,6 +102,8 @@ class StreamServer:
         self.sessions: dict[str, Session] = {}
         self.worker: ModelWorker | None = None
         self._reaper: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Future[None]] = set()  # close_later's tasks, held until done
+        self.reading: ReadingGuard | None = None  # set by listen.serve: slow requests are bounded
         self.started = time.monotonic()
         self.sessions_started = 0
         self.registry = CollectorRegistry(auto_describe=True)
@@ -112,6 +121,7 @@ class StreamServer:
         if "sizes" not in options:
             multiple, native = components_multiple(components), native_side(components)
             options["sizes"] = allowed_sizes(multiple, native, (config.width, config.height))
+        options.setdefault("tokenize", lambda text: Engine.shared(components, config).tokenize(text))
         return cls(
             config,
             lambda session_config: StreamDenoiser(components, session_config),
@@ -122,7 +132,9 @@ class StreamServer:
 
     # ------------------------------------------------------------------ app
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=MAX_BODY, middlewares=[self._errors, self._auth])
+        app = web.Application(
+            client_max_size=MAX_BODY, middlewares=[self._errors, read_whole(self), auth.middleware(self)]
+        )
         signaling = self.signaling  # the module's handlers, or the cluster front's
         app.router.add_get("/", self.index)
         app.router.add_get("/health", self.health)
@@ -154,13 +166,21 @@ class StreamServer:
             on_output=self._publish if self.virtualcam is not None else None,
             batching=self.batching,
             on_failed=self._session_failed,
+            max_side=self.limits.max_output_side,
         )
         self.worker.start()
+        quick_consent()  # a peer that vanishes is noticed in seconds, not 30 s
         self._reaper = asyncio.create_task(self._reap())
 
     def _session_failed(self, session: Session, reason: str) -> None:
         """On the loop: the worker gave up on a session that kept failing."""
-        session.tasks.append(asyncio.ensure_future(self.close_session(session, reason)))
+        self.close_later(session, reason)
+
+    def close_later(self, session: Session, reason: str) -> None:
+        """Close a session from a callback (not in one of its own tasks, which closing cancels)."""
+        task = asyncio.ensure_future(self.close_session(session, reason))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def unavailable(self) -> str | None:
         """Why the server cannot take sessions now (its model worker stopped), or None."""
@@ -194,27 +214,6 @@ class StreamServer:
                 return response
             raise
 
-    @web.middleware
-    async def _auth(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        guarded = request.path in ("/offer", "/stats", "/metrics") or request.path.startswith(
-            ("/whip", "/whep")
-        )
-        if self.token and guarded and request.method != "OPTIONS":  # CORS preflights carry no token
-            given = request.headers.get("Authorization", "")
-            expected = f"Bearer {self.token}".encode()
-            if not secrets.compare_digest(given.encode("utf-8", "surrogateescape"), expected):
-                logger.info(
-                    "refused %s %s: %s token", request.method, request.path, "wrong" if given else "no"
-                )
-                return error(
-                    401,
-                    "missing or wrong token: send the header 'Authorization: Bearer <token>'",
-                    cors=request.path.startswith(("/whip", "/whep")),
-                )
-        return await handler(request)
-
     # ------------------------------------------------------------------ handlers
     async def index(self, request: web.Request) -> web.StreamResponse:
         page = WEB_DIR / "index.html"
@@ -236,8 +235,11 @@ class StreamServer:
                 "sessions": len(self.sessions),
                 "max_sessions": self.max_sessions,
                 "auth": bool(self.token),
+                # credentials (TURN) only to those who may start sessions; the rest get the addresses
                 "ice_servers": [
                     {"urls": s.urls, "username": s.username, "credential": s.credential}
+                    if self.token is None or auth.is_admin(self, request)
+                    else {"urls": s.urls}
                     for s in self.ice_servers
                 ],
                 "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
@@ -248,6 +250,9 @@ class StreamServer:
 
     async def stats(self, request: web.Request) -> web.Response:
         sessions = [s.snapshot() for s in self.sessions.values()]
+        if not auth.is_admin(self, request):  # users' prompts only to the server's token
+            for snap in sessions:
+                snap["settings"] = {k: v for k, v in snap["settings"].items() if k not in TEXT_SETTINGS}
         return web.json_response(
             {
                 "model": self.model_name,
@@ -341,11 +346,15 @@ class StreamServer:
             await self._reap_once()  # its own frame: no session stays referenced between rounds
 
     async def _reap_once(self) -> None:
-        """Close sessions whose peer went quiet (no video for idle_timeout seconds), and viewers that
-        never connected."""
+        """Close sessions that did not connect within --connect-timeout, sessions whose peer went quiet
+        (no video for idle_timeout seconds), and viewers that never connected. (A peer that vanishes
+        fails its ICE consent checks within seconds: its connection fails, which closes the session.)"""
         now = time.monotonic()
+        connect = self.limits.connect_timeout
         for session in list(self.sessions.values()):
-            if now - session.last_input > self.idle_timeout:
+            if not session.connected and now - session.created > connect:
+                await self.close_session(session, f"not connected within {connect:g} s")
+            elif now - session.last_input > self.idle_timeout:
                 await self.close_session(session, f"idle for {self.idle_timeout:.0f} s")
         for viewer in list(self.viewers.values()):
             if viewer.pc.connectionState != "connected" and now - viewer.answered > VIEWER_CONNECT_TIMEOUT:

@@ -1,5 +1,6 @@
 """Everything this server takes from aiortc beyond its public API, in one place: the low-latency jitter
-buffer, the SDP parser used to check offers, and small helpers around tracks and ICE servers."""
+buffer, quicker ICE consent checks (aioice), the SDP parser used to check offers, and small helpers
+around tracks and ICE servers."""
 
 from __future__ import annotations
 
@@ -61,6 +62,9 @@ async def aiortc_internals_missing() -> list[str]:
     ]
     buffer = JitterBuffer(capacity=16, is_video=True)
     missing += [f"JitterBuffer().{name}" for name in _BUFFER_FIELDS if not hasattr(buffer, name)]
+    import aioice.ice
+
+    missing += [f"aioice.ice.{name}" for name in _CONSENT_SETTINGS if not hasattr(aioice.ice, name)]
     pc = RTCPeerConnection()
     try:
         receiver = pc.addTransceiver("video").receiver
@@ -69,6 +73,26 @@ async def aiortc_internals_missing() -> list[str]:
     finally:
         await pc.close()
     return missing
+
+
+# ICE consent freshness (RFC 7675), which aioice checks every 5 s and gives up after 6 unanswered checks:
+# a peer that vanished would hold its place for 30 s. Checked every second, lost after 4 unanswered
+# checks, its connection fails (and its session is freed) within about 5 s.
+CONSENT_INTERVAL_S = 1
+CONSENT_FAILURES = 4
+_CONSENT_SETTINGS = ("CONSENT_INTERVAL", "CONSENT_FAILURES")  # aioice's (tests/test_rtc.py checks them)
+
+
+def quick_consent() -> bool:
+    """Make ICE consent checks (RFC 7675) quick to notice a peer that vanished (aioice's module settings)."""
+    import aioice.ice
+
+    if not all(hasattr(aioice.ice, name) for name in _CONSENT_SETTINGS):
+        logger.warning("could not shorten ICE consent checks: this aioice version is not the one expected")
+        return False
+    aioice.ice.CONSENT_INTERVAL = CONSENT_INTERVAL_S  # type: ignore[attr-defined]
+    aioice.ice.CONSENT_FAILURES = CONSENT_FAILURES  # type: ignore[attr-defined]
+    return True
 
 
 def low_latency_receiver(pc: RTCPeerConnection, track: MediaStreamTrack) -> bool:
@@ -111,14 +135,23 @@ def to_video(frame: np.ndarray) -> av.VideoFrame:
     return av.VideoFrame.from_ndarray(frame, format="rgb24").reformat(format="yuv420p")
 
 
-def check_offer(sdp: str) -> str | None:
-    """What is wrong with an SDP offer before negotiating it, or None."""
+def check_offer(sdp: str, max_sections: int = 4) -> str | None:
+    """What is wrong with an SDP offer before negotiating it, or None. One session is one video in and
+    one video out: one video section, and at most `max_sections` media sections in all."""
     try:
-        kinds = [media.kind for media in SessionDescription.parse(sdp).media]
+        media = SessionDescription.parse(sdp).media
     except Exception as exc:  # aiortc's parser asserts on malformed lines
         return f"invalid SDP offer: {exc or type(exc).__name__}"
+    kinds = [m.kind for m in media]
     if not kinds:
         return "invalid SDP offer: it has no media sections (m= lines)"
-    if "video" not in kinds:
+    if len(kinds) > max_sections:
+        return f"the offer has {len(kinds)} media sections (m= lines); at most {max_sections} are accepted"
+    videos = kinds.count("video")
+    if videos == 0:
         return "the offer has no video track: send the camera as a video track"
+    if videos > 1:
+        return f"the offer has {videos} video sections; a session takes one video track: send one camera"
+    if any(m.port != 0 and (m.dtls is None or not m.dtls.fingerprints) for m in media):
+        return "invalid SDP offer: a media section has no DTLS fingerprint (a=fingerprint)"
     return None

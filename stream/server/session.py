@@ -6,6 +6,8 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
+import secrets
 import time
 from collections.abc import Callable
 from fractions import Fraction
@@ -32,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 TELEMETRY_INTERVAL = 0.33  # seconds: about 3 messages a second
 MAX_BODY = 64 * 1024  # bytes: the largest request body or data-channel message
+TEXT_SETTINGS = ("prompt", "negative_prompt")  # settings the model re-encodes when they change
 MAX_PTS_JUMP = 3  # seconds: a larger jump of the input's timestamps is a restarted clock, not time
 
 
@@ -73,6 +76,7 @@ class Session:
         kind: str = "browser",
     ) -> None:
         self.id = session_id
+        self.view_key = secrets.token_urlsafe(16)  # for its own page: watching it (WHEP) needs this key
         self.kind = kind  # "browser" (POST /offer) or "whip" (POST /whip: OBS and other encoders)
         self.pc = pc
         # The user's settings, validated, and their version (one more with every change): the worker
@@ -98,9 +102,16 @@ class Session:
         self.tasks: list[asyncio.Task[Any]] = []
         self.control: RTCDataChannel | None = None
         self.telemetry: RTCDataChannel | None = None
+        self.refused_channels = 0  # data channels beyond control and telemetry, closed at once
+        # Settings with a new prompt wait here for their turn (at most one a --prompt-interval)
+        self.pending: StreamConfig | None = None
+        self.prompts: asyncio.Task[None] | None = None  # peer.apply_prompts, while some are pending
+        self.last_prompt = -math.inf  # time.monotonic() of the last prompt change handed to the worker
+        self.prompt_changes = 0
         self.last_input = time.monotonic()
         self.created = time.monotonic()
         self.closed = False
+        self.connected = False  # its peer connection has connected (else it is freed after a while)
         self.last_pts = -1  # pts of the last frame sent
         self.last_input_pts: int | None = None
 
@@ -160,9 +171,10 @@ class Session:
             "session": self.id,
             "kind": self.kind,
             "viewers": len(self.viewers),
-            **self.monitor.snapshot(),
+            **self.monitor.snapshot(time.perf_counter()),  # rates fall to 0 when frames stop
             "adaptive": self.adaptive_state,
             "stamp": self.stamp,
+            "prompt_changes": self.prompt_changes,
             "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
             # Stream Batch delays each output by steps - 1 frames (`in_flight` in latency_ms shows it)
             "stream_batch": {
@@ -211,10 +223,14 @@ class ProcessedTrack(MediaStreamTrack):
 
 
 def apply_settings(
-    config: StreamConfig, changes: object, sizes: list[tuple[int, int]] | None = None
+    config: StreamConfig,
+    changes: object,
+    sizes: list[tuple[int, int]] | None = None,
+    max_text: int | None = None,
 ) -> StreamConfig:
     """Validated live settings: only LIVE_SETTINGS, each checked by StreamConfig; a new size must be one
-    of `sizes` (when given: the sizes the server offers for its model)."""
+    of `sizes` (when given: the sizes the server offers for its model); prompts of at most `max_text`
+    characters (when given)."""
     if not isinstance(changes, dict):
         raise ConfigError("settings must be a JSON object")
     unknown = sorted(set(changes) - set(LIVE_SETTINGS))
@@ -222,6 +238,12 @@ def apply_settings(
         raise ConfigError(
             f"unknown setting(s) {', '.join(unknown)}; live settings: {', '.join(LIVE_SETTINGS)}"
         )
+    for name in TEXT_SETTINGS:
+        text = changes.get(name)
+        if max_text is not None and isinstance(text, str) and len(text) > max_text:
+            raise ConfigError(
+                f"{name} is {len(text)} characters long; at most {max_text} are accepted: shorten it"
+            )
     if not changes:
         return config
     new = config.replace(**changes)

@@ -16,7 +16,8 @@ from aiortc import (
 )
 
 from stream.config import ConfigError, StreamConfig
-from stream.server import peer
+from stream.server import auth, peer
+from stream.server.limits import MAX_MEDIA_SECTIONS
 from stream.server.rtc import check_offer
 from stream.server.session import Session, Viewer, apply_settings
 
@@ -36,7 +37,8 @@ CORS = {
 
 
 def error(status: int, message: str, cors: bool = False) -> web.Response:
-    return web.json_response({"error": message}, status=status, headers=CORS if cors else None)
+    headers = {**(CORS if cors else {}), "X-Content-Type-Options": "nosniff"}
+    return web.json_response({"error": message}, status=status, headers=headers)
 
 
 async def read_sdp(request: web.Request) -> str | web.Response:
@@ -61,6 +63,8 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
         raise
     except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
         return error(400, 'the body must be JSON: {"sdp": "...", "type": "offer"}')
+    except RecursionError:  # nested deeper than the JSON parser goes
+        return error(400, 'the body is JSON nested too deeply: send {"sdp": "...", "type": "offer"}')
     if not isinstance(body, dict):
         return error(400, 'the body must be a JSON object: {"sdp": "...", "type": "offer"}')
     for field in ("sdp", "type"):
@@ -71,18 +75,23 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
     stamped = body.get("stamp", False)
     if not isinstance(stamped, bool):
         return error(400, f"stamp must be true or false, got {stamped!r}")
-    problem = check_offer(body["sdp"])
+    problem = check_offer(body["sdp"], MAX_MEDIA_SECTIONS)
     if problem:
         return error(400, problem)
     try:
-        config = apply_settings(server.config, body.get("settings") or {}, server.sizes)
+        config = apply_settings(
+            server.config, body.get("settings") or {}, server.sizes, server.limits.max_prompt_chars
+        )
     except ConfigError as exc:
         return error(400, f"bad settings: {exc}")
     started = await start_session(server, body["sdp"], config, stamp=stamped)
     if isinstance(started, web.Response):
         return started
     answer = started.pc.localDescription
-    return web.json_response({"sdp": answer.sdp, "type": answer.type, "session": started.id})
+    # the view key goes only to this page: /view?session=ID&key=KEY (or WHEP with it as the Bearer token)
+    return web.json_response(
+        {"sdp": answer.sdp, "type": answer.type, "session": started.id, "view_key": started.view_key}
+    )
 
 
 async def start_session(
@@ -153,7 +162,7 @@ async def whip(server: StreamServer, request: web.Request) -> web.Response:
     sdp = await read_sdp(request)
     if isinstance(sdp, web.Response):
         return sdp
-    problem = check_offer(sdp)
+    problem = check_offer(sdp, MAX_MEDIA_SECTIONS)
     if problem:
         return error(400, problem, cors=True)
     stamped = request.query.get("stamp", "0")
@@ -184,11 +193,18 @@ async def whep(server: StreamServer, request: web.Request) -> web.Response:
         session = server.sessions.get(wanted)
         if session is None:
             return error(404, f"no session {wanted!r}: see /stats for the running ones", cors=True)
+        if not auth.may_watch(server, request, session):
+            return error(
+                401,
+                f"watching session {wanted!r} needs its view key (given to its page) or the server's "
+                "token: send 'Authorization: Bearer <key>' or add ?key=<key>",
+                cors=True,
+            )
     elif server.published is not None and not server.published.closed:
         session = server.published
     else:
         return error(404, "no session is running yet: start one in the page or send with WHIP", cors=True)
-    problem = check_offer(sdp)
+    problem = check_offer(sdp, MAX_MEDIA_SECTIONS)
     if problem:
         return error(400, problem, cors=True)
     if len(server.viewers) >= server.max_viewers:
@@ -227,6 +243,8 @@ async def whep_delete(server: StreamServer, request: web.Request) -> web.Respons
     viewer = server.viewers.get(request.match_info["viewer"])
     if viewer is None or viewer.session.id != request.match_info["session"]:
         return error(404, f"no viewer {request.match_info['viewer']!r} (ended already?)", cors=True)
+    if server.token and not auth.may_watch(server, request, viewer.session):
+        return error(401, "ending a viewer needs its session's view key or the server's token", cors=True)
     await server.close_viewer(viewer, "ended by its WHEP client (DELETE)")
     return web.Response(status=200, headers=CORS)
 

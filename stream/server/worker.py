@@ -29,6 +29,7 @@ from stream.batch import FrameResult, process_batch
 from stream.config import ConfigError, StreamConfig
 from stream.devices import release_device_memory
 from stream.models.base import first_line
+from stream.server.limits import fit_side
 from stream.server.rtc import to_video
 from stream.server.session import Denoiser, DenoiserFactory, Processed, Session
 
@@ -78,8 +79,10 @@ class ModelWorker:
         *,
         batching: bool = True,
         on_failed: Callable[[Session, str], None] | None = None,
+        max_side: int = 640,
     ) -> None:
         self.factory = factory
+        self.max_side = max_side  # larger frames are scaled down on arrival, to no less than the model size
         self.on_frame = on_frame  # called with each processed frame's model time in seconds
         self.on_output = on_output  # called with each processed frame (the virtual camera), on this thread
         self.on_failed = on_failed  # called on the loop for a session that keeps failing: close it
@@ -167,7 +170,7 @@ class ModelWorker:
             denoiser = self._settings(session)
             if denoiser is None:
                 return None
-            pixels = frame.to_ndarray(format="rgb24")
+            pixels = _pixels(frame, max(self.max_side, session.config.width, session.config.height))
         except Exception as exc:  # e.g. out of memory making its denoiser: this session only
             self._failed(session, exc)
             return None
@@ -290,6 +293,15 @@ class ModelWorker:
     def _call(self, callback: Callable[..., Any], *args: Any) -> None:
         with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown)
             self.loop.call_soon_threadsafe(callback, *args)
+
+
+def _pixels(frame: av.VideoFrame, side: int) -> np.ndarray:
+    """The frame as HxWx3 uint8 RGB, no larger than `side` on either side: a larger frame is scaled down
+    in the same step that converts it from YUV (one libswscale call), before any float work."""
+    width, height = fit_side(frame.width, frame.height, side)
+    if (width, height) == (frame.width, frame.height):
+        return frame.to_ndarray(format="rgb24")
+    return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
 
 
 def _level(level: dict[str, int]) -> str:

@@ -18,6 +18,7 @@ const G2G_INTERVAL_MS = 333;
 
 const state = {
   token: new URLSearchParams(location.search).get("token") || "",
+  viewKey: "", // the running session's view key (from the server's answer)
   auth: false,
   maxSessions: 0,
   run: 0, // bumped by stop(); an older start() sees it and gives up
@@ -264,6 +265,8 @@ async function start() {
     if (stale()) return;
     await pc.setRemoteDescription({ type: answer.type, sdp: answer.sdp });
     state.session = answer.session || "";
+    state.viewKey = answer.view_key || ""; // this session's alone: /view?session=ID&key=KEY shows its output
+    if (state.viewKey) console.info(`watch this session: ${location.origin}/view?session=${state.session}&key=${state.viewKey}`);
     if (state.stamper) await keepResolution(sender);
     if (stale()) return;
     setStatus(`Session ${state.session} negotiated; waiting for video…`);
@@ -310,6 +313,7 @@ function stop(message = "Stopped. Press Start to go again.", kind = "info") {
   settings.unsent = {};
   settings.inflight = [];
   state.session = "";
+  state.viewKey = "";
   state.lastFrames = null;
   if (pc) {
     pc.onconnectionstatechange = null;
@@ -330,7 +334,9 @@ function stop(message = "Stopped. Press Start to go again.", kind = "info") {
 
 async function loadHealth() {
   try {
-    const res = await fetch("/health", { cache: "no-store" });
+    // with the token, /health also carries the TURN credentials (it keeps them from everyone else)
+    const headers = state.token ? { Authorization: `Bearer ${state.token}` } : {};
+    const res = await fetch("/health", { cache: "no-store", headers });
     if (!res.ok) throw new Error(`the server answered /health with HTTP ${res.status}`);
     const health = await res.json();
     settings.server = { ...DEFAULTS, ...(health.settings || {}) };

@@ -4,6 +4,7 @@
 // connection dropping, the video stalling) tears the viewer down and tries again, forever.
 //
 //   /view?session=ID   that session's output (default: the newest session, POST /whep)
+//        &key=K        that session's view key (its page has it; needed for session=ID unless token=)
 //        &token=T      sent as "Authorization: Bearer T"
 //        &retry=S      seconds between tries (default 2)
 //
@@ -27,6 +28,7 @@ const POLL_MS = 500;
 const params = new URLSearchParams(location.search);
 const SESSION = params.get("session") || "";
 const TOKEN = params.get("token") || "";
+const KEY = params.get("key") || "";
 const RETRY_MS = retrySeconds(params.get("retry")) * 1000;
 const WHEP_URL = SESSION ? `/whep/${encodeURIComponent(SESSION)}` : "/whep";
 
@@ -75,7 +77,8 @@ function failure(state, message) {
 // ---- signaling ----
 
 function authHeaders() {
-  return TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+  const bearer = TOKEN || KEY;
+  return bearer ? { Authorization: `Bearer ${bearer}` } : {};
 }
 
 function timeoutSignal(ms) {
@@ -88,7 +91,7 @@ function timeoutSignal(ms) {
 // The server's ICE servers (like the main page); null when /health does not answer.
 async function loadIceServers() {
   try {
-    const res = await fetch("/health", { cache: "no-store", signal: timeoutSignal(HEALTH_TIMEOUT_MS) });
+    const res = await fetch("/health", { cache: "no-store", headers: authHeaders(), signal: timeoutSignal(HEALTH_TIMEOUT_MS) });
     if (!res.ok) return null;
     const health = await res.json();
     if (!Array.isArray(health.ice_servers)) return [];

@@ -1,0 +1,47 @@
+"""What one peer may cost the server: text lengths, prompt re-encodes, frame sizes, media sections,
+request reading time, connecting time. Each limit is a `stream serve` flag (stream/args.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+from stream.config import ConfigError
+
+MAX_MEDIA_SECTIONS = 4  # m= lines in one offer: a browser sends video, audio and data (OBS: video, audio)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_prompt_chars: int = 2000  # characters in a prompt or negative prompt
+    prompt_interval: float = 0.25  # seconds between two prompt re-encodes of one session
+    max_input_side: int = 1920  # pixels: a session sending larger frames is closed
+    max_output_side: int = 640  # pixels: larger frames are scaled down on arrival (never below the model)
+    read_timeout: float = 10.0  # seconds to send a whole request (headers and body); then 408
+    max_reading: int = 32  # connections at once that have not yet sent a whole request
+    connect_timeout: float = 10.0  # seconds a new session may take to connect; then it is freed
+
+    def __post_init__(self) -> None:
+        for name in ("max_prompt_chars", "max_input_side", "max_output_side", "max_reading"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ConfigError(f"--{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
+        for name in ("prompt_interval", "read_timeout", "connect_timeout"):
+            value = getattr(self, name)
+            low_ok = value >= 0 if name == "prompt_interval" else value > 0
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and low_ok):
+                floor = ">= 0" if name == "prompt_interval" else "> 0"
+                raise ConfigError(f"--{name.replace('_', '-')} must be {floor} seconds, got {value!r}")
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+
+def fit_side(width: int, height: int, side: int) -> tuple[int, int]:
+    """(width, height) scaled down (never up) so that neither is over `side`; even numbers (yuv420p)."""
+    scale = min(1.0, side / max(width, height))
+    if scale >= 1.0:
+        return width, height
+    return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
