@@ -61,6 +61,7 @@ class WorkerSettings:
     max_viewers: int = 16
     batching: bool = True
     rtc_ports: tuple[int, int] | None = None
+    limits: Any = None  # stream/server/limits.py's Limits: what one peer may cost (None: the defaults)
 
 
 class WorkerServer(StreamServer):
@@ -123,6 +124,7 @@ class StreamWorker:
             max_viewers=settings.max_viewers,
             sizes=sizes,
             batching=settings.batching,
+            limits=settings.limits,
         )
         self.thread = WorkerThread(self.server, settings.rtc_ports).__enter__()
         self.client: aiohttp.ClientSession | None = None

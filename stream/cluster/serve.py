@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from stream.args import UsageError
+from stream.args import UsageError, limits_from_args
 from stream.cluster.ports import parse_ports
 from stream.config import ConfigError, StreamConfig
 
@@ -91,6 +91,7 @@ def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig) -> int:
             max_viewers=args.max_viewers,
             batching=args.batching == "on",
             rtc_ports=ports,
+            limits=limits_from_args(args),
         )
         pool = WorkerPool(settings, workers=workers, gpu=gpu)
         front = ClusterFront(
@@ -103,6 +104,7 @@ def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig) -> int:
             target_fps=args.target_fps,
             adaptive=args.adaptive == "on",
             max_viewers=args.max_viewers,
+            limits=limits_from_args(args),
         )
         base = f"http://{url_host(args.host)}:{args.port}"
         url = f"{base}/" + (f"?token={args.token}" if args.token else "")
