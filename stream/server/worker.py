@@ -179,7 +179,10 @@ class ModelWorker:
     def _settings(self, session: Session) -> Denoiser | None:
         """The session's denoiser, running the user's settings at the adaptive controller's level."""
         requested, version = session.requested
+        ladder = session.adaptive.ladder
         config = session.adaptive.apply(requested)
+        if session.adaptive.ladder is not ladder:  # new steps or size: the loop sees the new ladder
+            session.publish_adaptive()
         try:
             denoiser = session.denoiser
             if denoiser is None:
