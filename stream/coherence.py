@@ -6,8 +6,11 @@ off the model thread while the batch is encoded), a stream's `Coherence`:
 
 - warps the previous output latent into the current frame before the feedback blend, occluded and
   disoccluded pixels taking the current frame's latent (`feedback_warp`);
-- carries the stream's noise along the flow (`noise="warped"`): nearest-sample transport, fresh noise
-  where the flow leaves holes, so every latent pixel stays unit Gaussian; exactly fixed on a still scene;
+- carries the stream's noise along the flow (`noise="warped"`): the noise is split into unit Gaussian
+  sub-samples on the flow's finer grid (summing back to it exactly), those move by nearest-sample
+  transport with fresh noise where the flow leaves holes, and each latent pixel is their block sum / k:
+  every latent pixel stays unit Gaussian and the noise moves by a fraction of a latent pixel (a latent
+  pixel is 8-16 canvas pixels) without blurring; exactly fixed on a still scene;
 - lowers strength when the input moves fast, within the share the user allows (`motion_strength`);
 - reports a scene cut (the flow fails almost everywhere), after which the stream starts over.
 
@@ -45,7 +48,9 @@ class Coherence:
         self.tracker = FlowTracker(latent, vae_factor)
         self.device = device
         self.canvas_side = max(latent) * vae_factor
-        self.residual = torch.zeros(*latent, 2, device=device)  # (h, w, 2) warped noise's sub-pixel offsets
+        self.fine: list[torch.Tensor] | None = None  # warped noise on the flow grid, (1, C, H, W) each
+        self.residual = torch.zeros(0, device=device)  # (H, W, 2) its samples' sub-pixel offsets
+        self._carried: torch.Tensor | None = None  # the noise `carry` returned last
         self.speed: float | None = None  # smoothed, canvas px a frame
         self.motion: Motion | None = None  # the current frame's (None: the stream's first frame)
         self._flow: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -61,7 +66,7 @@ class Coherence:
         if motion is None:
             return None
         if motion.cut:
-            self.residual.zero_()
+            self.fine = None
             self.speed = None
         elif self.speed is None:
             self.speed = motion.speed
@@ -76,15 +81,28 @@ class Coherence:
         """Latent feedback along the motion; in place on a still frame."""
         if not self.moving():
             return temporal.feedback_blend(latent, previous, weight)
-        flow, valid = self._tensors()
-        return temporal.warped_feedback_blend(latent, previous, weight, flow, valid)
+        assert self.motion is not None
+        if self._flow is None:
+            self._flow = (
+                torch.from_numpy(self.motion.latent_flow()).to(self.device),  # (h, w, 2) latent px
+                torch.from_numpy(self.motion.latent_valid()).to(self.device),  # (h, w)
+            )
+        return temporal.warped_feedback_blend(latent, previous, weight, *self._flow)
 
     def carry(self, noise: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         """The stream's noise moved with the content; unchanged on a still frame."""
         if not self.moving():
             return noise
-        flow, valid = self._tensors()
-        moved, self.residual = temporal.transport_noise(noise, self.residual, flow, valid, generator)
+        assert self.motion is not None
+        k = self.motion.cell
+        if self.fine is None or self._carried is not noise[0]:  # new noise: split it on the fine grid
+            self.fine = [temporal.upsample_noise(n, k, generator) for n in noise]
+            self.residual = torch.zeros(*self.fine[0].shape[-2:], 2, device=self.device)
+        flow = torch.from_numpy(self.motion.flow).to(self.device)  # (H, W, 2) flow px
+        valid = torch.from_numpy(self.motion.valid).to(self.device)  # (H, W)
+        self.fine, self.residual = temporal.transport_noise(self.fine, self.residual, flow, valid, generator)
+        moved = [temporal.downsample_noise(f, k) for f in self.fine]
+        self._carried = moved[0]
         return moved
 
     def strength(self, config: StreamConfig) -> float:
@@ -97,12 +115,3 @@ class Coherence:
         if lowered >= config.strength:
             return config.strength
         return min(config.strength, max(least, round(lowered, 2)))
-
-    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self._flow is None:
-            assert self.motion is not None
-            self._flow = (
-                torch.from_numpy(self.motion.flow).to(self.device),  # (h, w, 2) latent px
-                torch.from_numpy(self.motion.valid).to(self.device),  # (h, w)
-            )
-        return self._flow

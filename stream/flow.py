@@ -8,10 +8,10 @@ the batch's VAE encode, so the flow overlaps the encode instead of adding to it.
 
 The backward flow (current -> previous) says where each pixel's content was; pixels failing the
 forward-backward consistency test of Sundaram et al. 2010, warping from outside the frame, or whose
-brightness does not match where the flow says they came from are occluded or disoccluded. Both are
-averaged over each latent pixel's `cell` x `cell` block: a flow in latent pixels and the share of
-each latent pixel that can be trusted. A frame where almost no pixel can be trusted is a scene cut; a
-frame where almost nothing moves is still.
+brightness does not match where the flow says they came from are occluded or disoccluded. At latent
+resolution both are averaged over each latent pixel's `cell` x `cell` block: a flow in latent pixels
+and the share of each latent pixel that can be trusted. A frame where almost no pixel can be trusted
+is a scene cut; a frame where almost nothing moves is still.
 """
 
 from __future__ import annotations
@@ -37,24 +37,30 @@ _pool_lock = threading.Lock()
 
 @dataclass(frozen=True)
 class Motion:
-    """How the previous frame maps into the current one, at latent resolution."""
+    """How the previous frame maps into the current one, on the flow grid (the latent grid x `cell`)."""
 
-    flow: np.ndarray  # (h, w, 2) float32, latent px: the previous frame holds pixel x's content at x + flow
-    valid: np.ndarray  # (h, w) float32 in [0, 1]: share of each latent pixel the flow can be trusted on
+    flow: np.ndarray  # (H, W, 2) float32, flow px: the previous frame holds pixel x's content at x + flow
+    valid: np.ndarray  # (H, W) float32, 1 where the flow can be trusted, else 0
+    cell: int  # flow pixels per latent pixel, per side
     speed: float  # mean |flow| in canvas pixels a frame, over the trusted pixels
     still: bool  # nothing moves (99 % of pixels under STILL_PX canvas pixels)
     cut: bool  # a scene cut: the flow fails almost everywhere
 
-    @classmethod
-    def identity(cls, shape: tuple[int, int]) -> Motion:
-        """No motion: every pixel stays, every pixel trusted."""
-        h, w = shape
-        return cls(np.zeros((h, w, 2), np.float32), np.ones((h, w), np.float32), 0.0, True, False)
+    def latent_flow(self) -> np.ndarray:
+        """(h, w, 2) float32 in latent px: the mean flow of each latent pixel's block."""
+        H, W, c = *self.valid.shape, self.cell
+        return self.flow.reshape(H // c, c, W // c, c, 2).mean(axis=(1, 3)) / c
+
+    def latent_valid(self) -> np.ndarray:
+        """(h, w) float32 in [0, 1]: the share of each latent pixel the flow can be trusted on."""
+        H, W, c = *self.valid.shape, self.cell
+        return self.valid.reshape(H // c, c, W // c, c).mean(axis=(1, 3))
 
 
-def flow_cell(latent: tuple[int, int]) -> int:
-    """Flow pixels per latent pixel (per side): the flow grid is the latent grid times this."""
-    return max(1, FLOW_SIDE // max(latent))
+def flow_cell(latent: tuple[int, int], vae_factor: int) -> int:
+    """Flow pixels per latent pixel (per side): the flow grid is the latent grid times this (never
+    finer than the canvas itself)."""
+    return max(1, min(vae_factor, FLOW_SIDE // max(latent)))
 
 
 def canvas_gray(frame: np.ndarray, geometry: Geometry, size: tuple[int, int]) -> np.ndarray:
@@ -85,16 +91,16 @@ def estimate_motion(dis: Any, previous: np.ndarray, current: np.ndarray, cell: i
     inside = (map_x >= 0) & (map_x <= W - 1) & (map_y >= 0) & (map_y <= H - 1)
     came_from = cv2.remap(previous, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
     matches = np.abs(current.astype(np.float32) - came_from.astype(np.float32)) <= PHOTO_TOLERANCE
-    valid = (consistent & inside & matches).astype(np.float32)
+    valid = (consistent & inside).astype(np.float32)
+    followed = float((consistent & inside & matches).mean())  # the brightness check only decides a cut
     magnitude = np.sqrt(np.sum(backward**2, axis=-1)) * scale  # canvas px
-    trusted = valid.mean()
-    h, w = H // cell, W // cell
     return Motion(
-        flow=backward.reshape(h, cell, w, cell, 2).mean(axis=(1, 3)) / cell,
-        valid=valid.reshape(h, cell, w, cell).mean(axis=(1, 3)),
+        flow=backward,
+        valid=valid,
+        cell=cell,
         speed=float((magnitude * valid).sum() / max(valid.sum(), 1.0)),
         still=bool(np.percentile(magnitude, 99) < STILL_PX),
-        cut=bool(trusted < CUT_VALID),
+        cut=bool(followed < CUT_VALID),
     )
 
 
@@ -112,7 +118,7 @@ class FlowTracker:
 
     def __init__(self, latent: tuple[int, int], vae_factor: int) -> None:
         self.latent = latent
-        self.cell = flow_cell(latent)
+        self.cell = flow_cell(latent, vae_factor)
         self.size = (latent[0] * self.cell, latent[1] * self.cell)
         self.scale = vae_factor / self.cell  # canvas px per flow px
         self._dis: Any = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)

@@ -130,3 +130,23 @@ def motion_strength(strength: float, speed: float, bound: float, full_speed: flo
         return strength
     share = min(max(speed / full_speed, 0.0), 1.0)
     return max(least, strength * (1.0 - bound * share))
+
+
+def upsample_noise(noise: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Unit Gaussian noise on a k-times finer grid whose k x k block sums / k give back `noise` exactly
+    (the conditional upsampling of Chang et al. 2024, "How I Warped Your Noise"): u = z / k + (w minus
+    its block mean), w i.i.d. unit Gaussian, so the fine values are again i.i.d. unit Gaussian.
+
+    noise: (1, C, h, w) -> (1, C, h k, w k).
+    """
+    _, c, h, w = noise.shape
+    fine = torch.randn((1, c, h * k, w * k), generator=generator, dtype=torch.float32).to(noise.device)
+    blocks = fine.view(1, c, h, k, w, k)
+    blocks = blocks - blocks.mean(dim=(3, 5), keepdim=True) + noise.float().view(1, c, h, 1, w, 1) / k
+    return blocks.reshape(1, c, h * k, w * k).to(noise.dtype)
+
+
+def downsample_noise(fine: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k block sums / k: (1, C, h k, w k) -> (1, C, h, w); i.i.d. unit Gaussians stay so."""
+    _, c, hk, wk = fine.shape
+    return (fine.float().view(1, c, hk // k, k, wk // k, k).sum(dim=(3, 5)) / k).to(fine.dtype)
