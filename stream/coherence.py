@@ -28,6 +28,7 @@ from stream.config import MAX_TRAIN_TIMESTEPS, StreamConfig
 from stream.flow import FlowTracker, Motion
 from stream.frames import Geometry
 
+NOISE_GRID = 4  # warped noise moves on a grid this many times finer than the latent (when the flow's is)
 FULL_SPEED = 0.03  # motion-aware strength is lowered fully at this share of the canvas's longer side a frame
 SPEED_SMOOTHING = 0.5  # exponential smoothing of the speed from frame to frame (0 = none)
 
@@ -48,8 +49,9 @@ class Coherence:
         self.tracker = FlowTracker(latent, vae_factor)
         self.device = device
         self.canvas_side = max(latent) * vae_factor
-        self.fine: list[torch.Tensor] | None = None  # warped noise on the flow grid, (1, C, H, W) each
-        self.residual = torch.zeros(0, device=device)  # (H, W, 2) its samples' sub-pixel offsets
+        # Warped noise on the finer grid, kept on the CPU (where its generator is): (1, C, h k, w k) each.
+        self.fine: list[torch.Tensor] | None = None
+        self.residual = torch.zeros(0)  # (h k, w k, 2) its samples' sub-pixel offsets
         self._carried: torch.Tensor | None = None  # the noise `carry` returned last
         self.speed: float | None = None  # smoothed, canvas px a frame
         self.motion: Motion | None = None  # the current frame's (None: the stream's first frame)
@@ -94,14 +96,17 @@ class Coherence:
         if not self.moving():
             return noise
         assert self.motion is not None
-        k = self.motion.cell
+        cell = self.motion.cell
+        k = NOISE_GRID if cell % NOISE_GRID == 0 else cell
         if self.fine is None or self._carried is not noise[0]:  # new noise: split it on the fine grid
-            self.fine = [temporal.upsample_noise(n, k, generator) for n in noise]
-            self.residual = torch.zeros(*self.fine[0].shape[-2:], 2, device=self.device)
-        flow = torch.from_numpy(self.motion.flow).to(self.device)  # (H, W, 2) flow px
-        valid = torch.from_numpy(self.motion.valid).to(self.device)  # (H, W)
+            self.fine = [temporal.upsample_noise(n.cpu().float(), k, generator) for n in noise]
+            self.residual = torch.zeros(*self.fine[0].shape[-2:], 2)
+        flow, valid = (torch.from_numpy(a) for a in self.motion.on_grid(k))  # (h k, w k, 2), (h k, w k)
         self.fine, self.residual = temporal.transport_noise(self.fine, self.residual, flow, valid, generator)
-        moved = [temporal.downsample_noise(f, k) for f in self.fine]
+        moved = [
+            temporal.downsample_noise(f, k).to(n.device, n.dtype)
+            for f, n in zip(self.fine, noise, strict=True)
+        ]
         self._carried = moved[0]
         return moved
 

@@ -46,15 +46,23 @@ class Motion:
     still: bool  # nothing moves (99 % of pixels under STILL_PX canvas pixels)
     cut: bool  # a scene cut: the flow fails almost everywhere
 
+    def on_grid(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The flow on the latent grid times k (k divides `cell`): (h k, w k, 2) float32 in that grid's
+        pixels (each cell's mean) and (h k, w k) float32 in [0, 1], the share of each cell trusted."""
+        if self.cell % k:
+            raise ValueError(f"the flow's grid ({self.cell} per latent pixel) cannot be split in {k}")
+        r = self.cell // k
+        H, W = self.valid.shape
+        flow = self.flow.reshape(H // r, r, W // r, r, 2).mean(axis=(1, 3)) / r
+        return flow, self.valid.reshape(H // r, r, W // r, r).mean(axis=(1, 3))
+
     def latent_flow(self) -> np.ndarray:
         """(h, w, 2) float32 in latent px: the mean flow of each latent pixel's block."""
-        H, W, c = *self.valid.shape, self.cell
-        return self.flow.reshape(H // c, c, W // c, c, 2).mean(axis=(1, 3)) / c
+        return self.on_grid(1)[0]
 
     def latent_valid(self) -> np.ndarray:
         """(h, w) float32 in [0, 1]: the share of each latent pixel the flow can be trusted on."""
-        H, W, c = *self.valid.shape, self.cell
-        return self.valid.reshape(H // c, c, W // c, c).mean(axis=(1, 3))
+        return self.on_grid(1)[1]
 
 
 def flow_cell(latent: tuple[int, int], vae_factor: int) -> int:
@@ -99,7 +107,7 @@ def estimate_motion(dis: Any, previous: np.ndarray, current: np.ndarray, cell: i
         valid=valid,
         cell=cell,
         speed=float((magnitude * valid).sum() / max(valid.sum(), 1.0)),
-        still=bool(np.percentile(magnitude, 99) < STILL_PX),
+        still=bool(np.count_nonzero(magnitude >= STILL_PX) < 0.01 * magnitude.size),
         cut=bool(followed < CUT_VALID),
     )
 

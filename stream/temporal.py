@@ -113,11 +113,15 @@ def transport_noise(
         0, flat_index, key, reduce="amin", include_self=True
     )
     keep = (flat_keep & (best[flat_index] == key)).view(h, w)
+    holes = ~keep
+    count = int(holes.sum())
     moved = []
     for n in noise:
-        fresh = torch.randn(tuple(n.shape), generator=generator, dtype=torch.float32).to(n.device, n.dtype)
         taken = n.flatten(2)[:, :, index.flatten().to(n.device)].view_as(n)  # (1, C, h, w)
-        moved.append(torch.where(keep.to(n.device), taken, fresh))
+        if count:
+            fresh = torch.randn((n.shape[1], count), generator=generator, dtype=torch.float32)
+            taken[0][:, holes.to(n.device)] = fresh.to(n.device, n.dtype)
+        moved.append(taken)
     new_residual = torch.where(keep.unsqueeze(-1), offset.clamp(-0.5, 0.5), torch.zeros_like(offset))
     return moved, new_residual
 
