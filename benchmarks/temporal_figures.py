@@ -20,22 +20,26 @@ LABELS = {
 }
 
 
-def save_strip(outputs: dict[str, list[np.ndarray]], path: str, rows: int = 3) -> None:
-    """Frames of one clip side by side: input, no feedback, feedback in place, both; `rows` moments."""
+def save_strip(outputs: dict[str, list[np.ndarray]], path: str, rows: int = 3, tile: int = 128) -> None:
+    """Frames of one clip side by side: input, no feedback, feedback in place, both; `rows` moments
+    down the clip, each frame scaled to at most `tile` px a side (the file stays small)."""
     from PIL import Image, ImageDraw
 
     columns = ("input", "no_feedback", "in_place", "both")
     n = len(outputs["input"])
     picks = sorted({min(n - 1, max(1, round(n * (i + 1) / (rows + 1)))) for i in range(rows)})
     h, w = outputs["input"][0].shape[:2]
+    scale = min(1.0, tile / max(h, w))
+    h, w = max(1, round(h * scale)), max(1, round(w * scale))
     label = 18
     canvas = Image.new("RGB", (w * len(columns), label + h * len(picks)), "white")
     draw = ImageDraw.Draw(canvas)
     for j, column in enumerate(columns):
         draw.text((j * w + 4, 3), LABELS[column], fill="black")
         for i, t in enumerate(picks):
-            canvas.paste(Image.fromarray(outputs[column][t]), (j * w, label + i * h))
-    canvas.save(path)
+            frame = Image.fromarray(outputs[column][t]).resize((w, h), Image.Resampling.BOX)
+            canvas.paste(frame, (j * w, label + i * h))
+    canvas.save(path, optimize=True)
 
 
 def plot(curves: dict[str, dict[str, dict[str, list[float]]]], report: dict[str, Any], path: str) -> None:

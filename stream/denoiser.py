@@ -10,6 +10,7 @@ Synchronous; the caller owns threading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 
@@ -363,7 +364,9 @@ class StreamDenoiser:
 
     def _use_strength(self, strength: float) -> None:
         if strength != self._strength:
-            self._set_schedule(self.config.replace(strength=strength))
+            # No schedule at that strength (LCM's grid): keep the current one.
+            with contextlib.suppress(ConfigError):
+                self._set_schedule(self.config.replace(strength=strength))
 
     def _similar(self, pixels: torch.Tensor, state: _StreamState) -> bool:
         threshold = self.config.similarity_threshold
