@@ -97,7 +97,7 @@ class Coherence:
             return noise
         assert self.motion is not None
         cell = self.motion.cell
-        k = NOISE_GRID if cell % NOISE_GRID == 0 else cell
+        k = max(d for d in range(1, NOISE_GRID + 1) if cell % d == 0)  # the finest that divides the flow's
         if self.fine is None or self._carried is not noise[0]:  # new noise: split it on the fine grid
             self.fine = [temporal.upsample_noise(n.cpu().float(), k, generator) for n in noise]
             self.residual = torch.zeros(*self.fine[0].shape[-2:], 2)
