@@ -1,27 +1,39 @@
-"""Temporal coherence of StreamDenoiser's output, with latent feedback off and on.
+"""Temporal coherence of StreamDenoiser's output: latent feedback in place, along the motion, and noise
+that moves with the content, on moving clips cut from real photos (or any video file).
 
-Latent feedback (`StreamConfig.latent_feedback`, default 0 = off) blends that share of the previous
-output latent into each new frame's latent. This runs the same model twice on each of two clips cut
-from a real photo, once with feedback 0 and once with `--feedback` (default 0.5), and measures:
+Five settings of the same model run frame by frame side by side (interleaved, so that they share the
+machine's state and their timings compare):
 
-- moving clip (`--motion pan`, a window moving right by `--pan-step` px a frame; or `zoom`): the warp
-  error. For each consecutive pair, OpenCV's DIS optical flow (medium preset) on the grayscale INPUT
-  frames gives the backward flow t -> t-1, which warps the previous OUTPUT frame into frame t
+- no_feedback: latent feedback 0, fixed noise (StreamConfig's defaults);
+- in_place: feedback `--feedback` blended where the content WAS (`--feedback-warp off`, the old way);
+- warped_feedback: the previous output latent warped along the input's optical flow first (occluded
+  pixels take the new frame), fixed noise;
+- warped_noise: no feedback; the stream's noise moves with the content (`--noise warped`);
+- both: warped feedback and warped noise;
+- with `--motion-strength S` (> 0), also both_motion: both, and strength lowered by up to S of it when
+  the input moves fast.
+
+Clips (`--clips`, any of pan, zoom, object; `--clip FILE` adds a video file): a window panning right by
+`--pan-step` px a frame; a zoom on the photo's centre; a second photo's crop moving over a still photo.
+A still clip (one frame with seeded camera noise of sigma 2 a frame) always runs too.
+
+Measures, per clip and setting, L1 on 0-255, averaged over the clip:
+- warp error: for each consecutive pair, OpenCV's DIS optical flow (medium preset) on the grayscale
+  INPUT frames gives the backward flow t -> t-1, which warps the previous OUTPUT frame into frame t
   (cv2.remap). Pixels failing the forward-backward consistency test of Sundaram et al. 2010
   (|w_f(x + w_b(x)) + w_b(x)|^2 > 0.01 (|w_f(x + w_b(x))|^2 + |w_b(x)|^2) + 0.5), and pixels that
   warp from outside the frame, are masked out; the error is the mean |output_t - warped output_t-1|
-  (on 0-255, over the RGB values of the unmasked pixels), averaged over the clip. The same error of
-  the input itself is the floor: what the flow cannot explain even for the input.
-- static clip (one frame repeated, each copy with seeded Gaussian camera noise of sigma 2): the mean
-  absolute change between consecutive outputs (0-255); the input's own change is the camera noise.
+  over the RGB values of the other pixels. The same error of the input itself is the floor. (This
+  measuring flow is independent of the stream's own, cheaper flow.)
+- change: mean |output_t - output_t-1|, what a viewer sees as flicker on the still clip.
+- time: wall-clock ms a frame (p50, p95) per setting over all clips, and the time each adds to
+  no_feedback's p50.
 
-Noise is StreamConfig's default: `fixed` (one noise tensor for the whole stream, from `--seed`), so
-the change between frames comes from the input and the feedback, not from fresh noise. Lower is
-steadier; steadier is not better by itself (an output that ignores the input is perfectly steady).
+Lower is steadier; steadier is not better by itself (an output that ignores the input is perfectly
+steady). `--strip FILE.png` saves frames of the first moving clip side by side: input, no feedback,
+feedback in place, both. Prints a table, then one JSON object as the last line. Example:
 
-Prints a table, then one JSON object as the last line. Example:
-
-    python -m benchmarks.temporal --model tiny --width 256 --height 256 --frames 48 --feedback 0.5
+    python -m benchmarks.temporal --model tiny --width 256 --height 256 --frames 48 --strip strip.png
 """
 
 from __future__ import annotations
@@ -30,8 +42,10 @@ import argparse
 import json
 import logging
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -47,15 +61,15 @@ from benchmarks.common import (
     environment,
     model_note,
     photo_clip,
-    pyplot,
     stream_config,
     usage_error,
 )
+from benchmarks.temporal_figures import LABELS, STILL, plot, save_strip
 
 PROG = "temporal"
 MODULE = "benchmarks.temporal"
-MOTIONS = ("pan", "zoom")
-SETTINGS = ("feedback_off", "feedback_on")
+MOVING = ("pan", "zoom", "object")
+SETTINGS = ("no_feedback", "in_place", "warped_feedback", "warped_noise", "both")
 
 
 @dataclass(frozen=True)
@@ -118,6 +132,23 @@ def _mean(values: Sequence[float]) -> float:
     return float(np.nanmean(values)) if len(values) else float("nan")
 
 
+def setting_changes(setting: str, feedback: float, motion_strength: float = 0.0) -> dict[str, Any]:
+    """StreamConfig changes for one of SETTINGS."""
+    return {
+        "no_feedback": {"latent_feedback": 0.0, "noise": "fixed"},
+        "in_place": {"latent_feedback": feedback, "feedback_warp": False, "noise": "fixed"},
+        "warped_feedback": {"latent_feedback": feedback, "feedback_warp": True, "noise": "fixed"},
+        "warped_noise": {"latent_feedback": 0.0, "noise": "warped"},
+        "both": {"latent_feedback": feedback, "feedback_warp": True, "noise": "warped"},
+        "both_motion": {
+            "latent_feedback": feedback,
+            "feedback_warp": True,
+            "noise": "warped",
+            "motion_strength": motion_strength,
+        },
+    }[setting]
+
+
 # ---------------------------------------------------------------------- the run
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(
@@ -128,13 +159,31 @@ def build_parser() -> ArgumentParser:
         "--feedback",
         type=float,
         default=0.5,
-        help="latent feedback to compare against 0 (off), in (0, 1): the share of the previous output "
+        help="latent feedback of the feedback settings, in (0, 1): the share of the previous output "
         "latent blended into each frame (StreamConfig.latent_feedback; default %(default)s)",
     )
-    parser.add_argument("--motion", default="pan", choices=MOTIONS, help="the moving clip (default pan)")
+    parser.add_argument(
+        "--clips",
+        default=",".join(MOVING),
+        help=f"built-in moving clips, comma-separated, any of {', '.join(MOVING)}, or none "
+        "(default %(default)s)",
+    )
+    parser.add_argument("--clip", metavar="FILE", help="also measure on this video file (its first --frames)")
     parser.add_argument("--pan-step", type=int, default=4, help="pan speed in px a frame (default 4)")
     parser.add_argument(
         "--zoom-rate", type=float, default=0.01, help="zoom: extra magnification a frame (default 0.01)"
+    )
+    parser.add_argument(
+        "--object-step", type=int, default=4, help="object: its speed in px a frame (default 4)"
+    )
+    parser.add_argument(
+        "--motion-strength",
+        type=float,
+        default=0.0,
+        help="also run both_motion: both, with this --motion-strength, in (0, 1) (default 0: not run)",
+    )
+    parser.add_argument(
+        "--strip", metavar="FILE.png", help="save frames of the first moving clip side by side, per setting"
     )
     return parser
 
@@ -143,73 +192,159 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = build_parser().parse_args(argv)
-        if not 0.0 < args.feedback < 1.0:
-            raise UsageError(f"--feedback must be in (0, 1) (it is compared against 0), got {args.feedback}")
-        if args.frames < 2:
-            raise UsageError(
-                f"--frames must be at least 2 (measures compare consecutive frames), got {args.frames}"
-            )
-        if args.pan_step < 0:
-            raise UsageError(f"--pan-step must be 0 or more px a frame, got {args.pan_step}")
-        if not 0.0 <= args.zoom_rate <= 1.0:
-            raise UsageError(f"--zoom-rate must be in [0, 1], got {args.zoom_rate}")
+        check_arguments(args)
         config = stream_config(args, noise="fixed", latent_feedback=0.0)
         check_plot_target(args.plot)
-        denoiser = load(config)
+        if args.strip and not Path(args.strip).expanduser().resolve().parent.is_dir():
+            raise UsageError(f"--strip {args.strip}: its folder does not exist")
+        clips = make_clips(args, (config.height, config.width))
+        denoisers = load(config, args)
     except UsageError as exc:
         return usage_error(PROG, str(exc))
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
-    size = (config.height, config.width)
-    moving = photo_clip(
-        args.motion, args.frames, size, photo=args.photo, step=args.pan_step, zoom_rate=args.zoom_rate
-    )
-    static = photo_clip("static", args.frames, size, photo=args.photo, seed=args.seed)
-    warps = input_warps(moving)
-    for frame in static[: args.warmup]:
-        denoiser(frame)
-    curves: dict[str, dict[str, list[float]]] = {
-        "warp_error": {"input": warp_errors(moving, warps)},
-        "change": {"input": frame_changes(static)},
-    }
-    for setting, weight in zip(SETTINGS, (0.0, args.feedback), strict=True):
-        denoiser.update(config.replace(latent_feedback=weight))
-        denoiser.reset()
-        curves["warp_error"][setting] = warp_errors([denoiser(f) for f in moving], warps)
-        denoiser.reset()
-        curves["change"][setting] = frame_changes([denoiser(f) for f in static])
-    occluded = float(np.mean([1.0 - w.valid.mean() for w in warps]))
-    report = build_report(denoiser, args, curves, occluded, command_line(MODULE, argv))
+    for d in denoisers.values():
+        for frame in clips[STILL][: args.warmup]:
+            d(frame)
+    times: dict[str, list[float]] = {s: [] for s in args.settings}
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+    strip: dict[str, list[np.ndarray]] = {}
+    for name, frames in clips.items():
+        outputs = run_clip(denoisers, frames, times)
+        warps = input_warps(frames)
+        curves[name] = {
+            "warp_error": {k: warp_errors(v, warps) for k, v in {"input": frames, **outputs}.items()},
+            "change": {k: frame_changes(v) for k, v in {"input": frames, **outputs}.items()},
+        }
+        if not strip and name != STILL:
+            strip = {"input": frames, **outputs}
+        if name != STILL:
+            curves[name]["masked"] = {"input": [1.0 - float(w.valid.mean()) for w in warps]}
+    first = next(iter(denoisers.values()))
+    report = build_report(first, args, curves, times, command_line(MODULE, argv))
     print_table(report)
     if args.plot:
         plot(curves, report, args.plot)
         print(f"plot: {args.plot}")
+    if args.strip and strip:
+        save_strip(strip, args.strip)
+        print(f"strip: {args.strip}")
     print(json.dumps(report))
     return 0
 
 
-def load(config: Any) -> Any:
+def check_arguments(args: argparse.Namespace) -> None:
+    if not 0.0 < args.feedback < 1.0:
+        raise UsageError(f"--feedback must be in (0, 1) (it is compared against 0), got {args.feedback}")
+    if args.frames < 2:
+        raise UsageError(
+            f"--frames must be at least 2 (measures compare consecutive frames), got {args.frames}"
+        )
+    if args.pan_step < 0 or args.object_step < 0:
+        raise UsageError("--pan-step and --object-step must be 0 or more px a frame")
+    if not 0.0 <= args.motion_strength < 1.0:
+        raise UsageError(f"--motion-strength must be in [0, 1), got {args.motion_strength}")
+    args.settings = SETTINGS + (("both_motion",) if args.motion_strength > 0 else ())
+    if not 0.0 <= args.zoom_rate <= 1.0:
+        raise UsageError(f"--zoom-rate must be in [0, 1], got {args.zoom_rate}")
+    kinds = [k for k in args.clips.split(",") if k and k != "none"]
+    unknown = [k for k in kinds if k not in MOVING]
+    if unknown:
+        raise UsageError(f"--clips takes {', '.join(MOVING)} or none, got {', '.join(unknown)}")
+    args.kinds = kinds
+
+
+def make_clips(args: argparse.Namespace, size: tuple[int, int]) -> dict[str, list[np.ndarray]]:
+    """The moving clips asked for, the video file's, and the still clip (always last)."""
+    from stream.clips import ClipError, video_clip
+
+    clips = {
+        kind: photo_clip(
+            kind,
+            args.frames,
+            size,
+            photo=args.photo,
+            step=args.object_step if kind == "object" else args.pan_step,
+            zoom_rate=args.zoom_rate,
+        )
+        for kind in args.kinds
+    }
+    if args.clip:
+        try:
+            clips[f"file:{Path(args.clip).name}"] = video_clip(args.clip, args.frames, size)
+        except ClipError as exc:
+            raise UsageError(f"--clip: {exc}") from exc
+    clips[STILL] = photo_clip("static", args.frames, size, photo=args.photo, seed=args.seed)
+    return clips
+
+
+def load(config: Any, args: argparse.Namespace) -> dict[str, Any]:
+    """One denoiser a setting, all over the one loaded model (one shared engine)."""
     from stream.config import ConfigError
     from stream.denoiser import StreamDenoiser
     from stream.models import ModelError, load_model
 
     try:
-        return StreamDenoiser(load_model(config), config)
+        components = load_model(config)
+        return {
+            s: StreamDenoiser(
+                components, config.replace(**setting_changes(s, args.feedback, args.motion_strength))
+            )
+            for s in args.settings
+        }
     except (ModelError, ConfigError) as exc:
         raise UsageError(str(exc)) from exc
 
 
+def run_clip(
+    denoisers: dict[str, Any], frames: Sequence[np.ndarray], times: dict[str, list[float]]
+) -> dict[str, list[np.ndarray]]:
+    """Every setting's outputs for the clip, from a fresh start; the settings take turns frame by frame
+    (in a rotating order), and each frame's wall-clock time is added to `times`."""
+    for d in denoisers.values():
+        d.reset()
+    outputs: dict[str, list[np.ndarray]] = {s: [] for s in denoisers}
+    names = list(denoisers)
+    for i, frame in enumerate(frames):
+        for s in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            outputs[s].append(denoisers[s](frame))
+            times[s].append((time.perf_counter() - start) * 1000.0)
+    return outputs
+
+
 def build_report(
-    denoiser: Any, args: Any, curves: dict[str, dict[str, list[float]]], occluded: float, command: str
+    denoiser: Any,
+    args: Any,
+    curves: dict[str, dict[str, dict[str, list[float]]]],
+    times: dict[str, list[float]],
+    command: str,
 ) -> dict[str, Any]:
     c = denoiser.config
-    motion = {"pan_px_per_frame": args.pan_step} if args.motion == "pan" else {"zoom_rate": args.zoom_rate}
 
     def r(x: float) -> float:
         return round(x, 4)
 
-    warp, change = curves["warp_error"], curves["change"]
+    clips = {}
+    for name, measures in curves.items():
+        entry = {
+            measure: {k: r(_mean(v)) for k, v in measures[measure].items()}
+            for measure in ("warp_error", "change")
+        }
+        if "masked" in measures:
+            entry["masked_fraction"] = r(_mean(measures["masked"]["input"]))
+        clips[name] = entry
+    p50 = {s: float(np.percentile(times[s], 50)) for s in args.settings}
+    timing = {
+        s: {
+            "p50_ms": r(p50[s]),
+            "p95_ms": r(float(np.percentile(times[s], 95))),
+            "added_pct": r(100.0 * (p50[s] / p50["no_feedback"] - 1.0)),
+        }
+        for s in args.settings
+    }
+    moving = [n for n in clips if n != STILL]
     return {
         "benchmark": "temporal",
         "model": denoiser.name,
@@ -225,105 +360,60 @@ def build_report(
         "guidance": c.guidance_scale,
         "scheduler": c.scheduler,
         "prompt": c.prompt,
-        "noise": c.noise,
         "seed": c.seed,
         "feedback": args.feedback,
         "frames": args.frames,
         "warmup": args.warmup,
         "photo": args.photo,
-        "motion": args.motion,
-        **motion,
-        "moving": {
-            "input_warp_error": r(_mean(warp["input"])),
-            "warp_error": {s: r(_mean(warp[s])) for s in SETTINGS},
-            "occluded_fraction": r(occluded),
+        "pan_px_per_frame": args.pan_step,
+        "zoom_rate": args.zoom_rate,
+        "object_px_per_frame": args.object_step,
+        "camera_noise_sigma": CAMERA_NOISE_SIGMA,
+        "motion_strength": args.motion_strength,
+        "settings": {s: setting_changes(s, args.feedback, args.motion_strength) for s in args.settings},
+        "clips": clips,
+        "warp_error_ratio_both": {
+            n: r(clips[n]["warp_error"]["both"] / clips[n]["warp_error"]["no_feedback"]) for n in moving
         },
-        "static": {
-            "camera_noise_sigma": CAMERA_NOISE_SIGMA,
-            "input_change": r(_mean(change["input"])),
-            "change": {s: r(_mean(change[s])) for s in SETTINGS},
-        },
+        "still_change_ratio_both": r(clips[STILL]["change"]["both"] / clips[STILL]["change"]["no_feedback"]),
+        "time": timing,
         "command": command,
     }
 
 
 # ---------------------------------------------------------------------- output
 def print_table(r: dict[str, Any]) -> None:
-    fb = r["feedback"]
+    settings = list(r["settings"])
     print(f"temporal: {r['model']} on {r['gpu'] or r['device']} ({r['dtype']}) -- {r['note']}")
     print(
         f"{r['width']}x{r['height']}, {r['steps']} {r['scheduler'].upper()} steps at strength "
         f"{r['strength']}, "
-        f"guidance {r['guidance']}, {r['frames']} frames a clip from '{r['photo']}'; noise {r['noise']} "
-        f"(seed {r['seed']}, StreamConfig's default)"
+        f"guidance {r['guidance']}, {r['frames']} frames a clip from '{r['photo']}', seed {r['seed']}; "
+        f"feedback {r['feedback']:g}"
     )
-    print(f"latent feedback 0 (off) vs {fb:g}; L1 on 0-255, lower = steadier")
+    print("L1 on 0-255, lower = steadier; warp error along the input's own optical flow")
     print()
-    motion = (
-        f"pan {r['pan_px_per_frame']} px/frame"
-        if r["motion"] == "pan"
-        else f"zoom x{1 + r['zoom_rate']:g}/frame"
-    )
-    moving, static = r["moving"], r["static"]
-    rows = [
-        (
-            motion,
-            f"warp error ({moving['occluded_fraction']:.0%} masked)",
-            moving["input_warp_error"],
-            moving["warp_error"],
-        ),
-        (
-            f"static, noise sigma {static['camera_noise_sigma']:g}",
-            "change between frames",
-            static["input_change"],
-            static["change"],
-        ),
-    ]
-    header = f"{'clip':<24}{'measure':<28}{'input':>8}{'feedback 0':>12}{f'feedback {fb:g}':>14}"
+    header = f"{'clip':<18}{'measure':<12}" + "".join(f"{LABELS[k]:>14}" for k in ("input", *settings))
+    header += f"{'both/none':>11}"
     print(header)
     print("-" * len(header))
-    for clip, measure, floor, values in rows:
-        print(
-            f"{clip:<24}{measure:<28}{floor:>8.2f}{values['feedback_off']:>12.2f}{values['feedback_on']:>14.2f}"
-        )
+    for name, entry in r["clips"].items():
+        measures = ("change",) if name == STILL else ("warp_error", "change")
+        for measure in measures:
+            values = entry[measure]
+            ratio = values["both"] / values["no_feedback"] if values["no_feedback"] else float("nan")
+            label = name if measure == measures[0] else ""
+            print(
+                f"{label:<18}{measure.replace('_', ' '):<12}"
+                + "".join(f"{values[k]:>14.2f}" for k in ("input", *settings))
+                + f"{ratio:>10.2f}x"
+            )
     print()
-    print("warp error: previous output warped into the current frame by the INPUT's optical flow; the")
-    print("input's own warp error is the floor the flow leaves unexplained.")
-
-
-def plot(curves: dict[str, dict[str, list[float]]], report: dict[str, Any], path: str) -> None:
-    plt = pyplot()
-    from matplotlib import ticker
-
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
-    labels = {
-        "input": "input",
-        "feedback_off": "feedback 0",
-        "feedback_on": f"feedback {report['feedback']:g}",
-    }
-    styles = {"input": {"color": "grey", "ls": "--"}, "feedback_off": {}, "feedback_on": {}}
-    for ax, key, title in (
-        (top, "warp_error", f"{report['motion']} clip: warp error (occlusions masked)"),
-        (bottom, "change", "static clip: change between consecutive frames"),
-    ):
-        for name, values in curves[key].items():
-            frames = range(1, len(values) + 1)
-            ax.plot(frames, values, label=labels[name], lw=1.2, **styles[name])
-        ax.set_ylabel("mean |difference| (0-255)")
-        ax.set_ylim(bottom=0)
-        ax.set_title(title, fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    bottom.set_xlabel("frame t (compared with frame t-1)")
-    bottom.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
-    fig.suptitle(
-        f"{report['model']}, {report['width']}x{report['height']}, {report['steps']} steps, "
-        f"strength {report['strength']}, noise {report['noise']}\n{report['note']}",
-        fontsize=9,
-    )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    t = r["time"]
+    print(f"{'time a frame':<30}" + "".join(f"{LABELS[s]:>14}" for s in settings))
+    print(f"{'p50 ms':<30}" + "".join(f"{t[s]['p50_ms']:>14.1f}" for s in settings))
+    print(f"{'p95 ms':<30}" + "".join(f"{t[s]['p95_ms']:>14.1f}" for s in settings))
+    print(f"{'added to no feedback (p50)':<30}" + "".join(f"{t[s]['added_pct']:>13.1f}%" for s in settings))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,13 @@ CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
     ),
     ("--seed", "seed", int, "noise seed"),
     ("--latent-feedback", "latent_feedback", float, "share of the previous output latent blended in, [0, 1)"),
-    ("--noise", "noise", str, f"one of {', '.join(NOISE_MODES)}: fixed noise keeps a still scene still"),
+    (
+        "--noise",
+        "noise",
+        str,
+        f"one of {', '.join(NOISE_MODES)}: fixed noise keeps a still scene still; warped noise also moves "
+        "with the content (optical flow)",
+    ),
     (
         "--similarity-threshold",
         "similarity_threshold",
@@ -141,6 +147,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, size_default: str | No
         group.add_argument(
             flag, dest=field, type=kind, default=default, metavar=kind.__name__.upper(), help=text
         )
+    add_motion_arguments(group)
     add_speed_arguments(parser)
     add_adapter_arguments(parser)
 
@@ -181,6 +188,34 @@ def add_adapter_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.controlnet_conditioning_scale,
         help="controlnet_conditioning_scale in [0, 5] (live setting)",
     )
+
+
+def add_motion_arguments(group: argparse._ActionsContainer) -> None:
+    """Temporal coherence that follows the motion (the input's optical flow)."""
+    defaults = StreamConfig()
+    group.add_argument(
+        "--feedback-warp",
+        dest="feedback_warp",
+        type=_on_off,
+        default=defaults.feedback_warp,
+        metavar="on|off",
+        help="warp the previous output along the input's optical flow before --latent-feedback blends it "
+        "in (occluded pixels take the new frame) (default: on)",
+    )
+    group.add_argument(
+        "--motion-strength",
+        dest="motion_strength",
+        type=float,
+        default=defaults.motion_strength,
+        metavar="FLOAT",
+        help="fast motion lowers --strength by up to this share of it, [0, 1); 0 = off",
+    )
+
+
+def _on_off(value: str) -> bool:
+    if value not in ("on", "off"):
+        raise argparse.ArgumentTypeError(f"must be on or off, got {value!r}")
+    return value == "on"
 
 
 def config_from_args(args: argparse.Namespace) -> StreamConfig:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 SCHEDULERS = ("ddim", "lcm")
 TIMESTEP_RULES = ("streaming", "diffusers")
-NOISE_MODES = ("fixed", "fresh")
+NOISE_MODES = ("fixed", "fresh", "warped")
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CFG_MODES = ("full", "self", "once", "none")  # how guidance > 1 is computed (see StreamConfig.cfg_mode)
@@ -67,9 +67,9 @@ class StreamConfig:
     negative_prompt: str = ""
     seed: int = 0
     latent_feedback: float = 0.0  # share of the previous output latent blended into the new one, in [0, 1)
-    noise: str = (
-        "fixed"  # `fixed`: one noise tensor per stream (stable output); `fresh`: new noise each frame
-    )
+    # `fixed`: one noise tensor per stream (stable output); `fresh`: new noise each frame; `warped`: the
+    # stream's noise moves with the content (the input's optical flow; exactly fixed on a still scene)
+    noise: str = "fixed"
     similarity_threshold: float = 0.0  # skip the model when input similarity >= this; 0 = off
     max_skip: int = 10  # at most this many frames in a row are skipped by the similarity filter
     device: str = "auto"  # `auto` (cuda if available, else cpu), `cpu`, `cuda`, `cuda:N`, `mps`
@@ -90,6 +90,9 @@ class StreamConfig:
     controlnet: str = ""  # a ControlNet folder / hub id / file, or `random`; empty = none
     control: str = "canny"  # the conditioning image from each frame: `canny` edges, `none` = the frame
     controlnet_conditioning_scale: float = 1.0  # how strongly the ControlNet steers, in [0, 5]
+    # Temporal coherence that follows the motion (the input's optical flow: stream/flow.py, coherence.py)
+    feedback_warp: bool = True  # latent feedback warps the previous output along the motion first
+    motion_strength: float = 0.0  # fast motion lowers strength by up to this share of it, [0, 1); 0 = off
 
     def __post_init__(self) -> None:
         # 1. strings that name something
@@ -171,6 +174,14 @@ class StreamConfig:
             "similarity_threshold",
             self.similarity_threshold,
             "in [0, 1) (0 turns the filter off)",
+        )
+        # 4. following the motion
+        _require(isinstance(self.feedback_warp, bool), "feedback_warp", self.feedback_warp, "true or false")
+        _require(
+            _is_real(self.motion_strength) and 0.0 <= self.motion_strength < 1.0,
+            "motion_strength",
+            self.motion_strength,
+            "in [0, 1) (the most share of strength fast motion takes away; 0 turns it off)",
         )
 
         # 4. GPU speed

@@ -12,6 +12,7 @@ Synchronous; the caller owns threading.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 
 from stream import control, frame_plan, schedule, temporal
 from stream.batch import EMPTY, FrameResult, Job, process_batch
+from stream.coherence import Coherence, follows_motion
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, letterbox_geometry
@@ -44,6 +46,8 @@ _OUTPUT_SETTINGS = (
     "lora_scale",
     "control",
     "controlnet_conditioning_scale",
+    "feedback_warp",
+    "motion_strength",
 )
 
 
@@ -52,8 +56,9 @@ class _StreamState:
     """What carries from frame to frame: noise, the last output latent, the similarity reference."""
 
     geometry: Geometry | None = None
-    noise: list[torch.Tensor] = field(default_factory=list)  # [initial, step noises...] for `fixed`
-    generator: torch.Generator | None = None  # for `fresh`
+    noise: list[torch.Tensor] = field(default_factory=list)  # [initial, step noises...] for `fixed`, `warped`
+    generator: torch.Generator | None = None  # for `fresh`, and `warped`'s holes
+    coherence: Coherence | None = None  # the input's motion, when a setting follows it
     prev_latent: torch.Tensor | None = None  # (1, C, H/f, W/f) last denoised latent
     last_input: torch.Tensor | None = None  # uint8 frame the model last ran on
     last_output: np.ndarray | None = None
@@ -188,6 +193,7 @@ class StreamDenoiser:
                     return FrameResult(EMPTY, timer.finish(), skipped=True, pending=True)
                 return FrameResult(state.last_output, timer.finish(), skipped=True)
             image = self.preprocess(pixels, state.geometry)
+            self._track_motion(frame, state)
         self.prepare(
             self.config.prompt, self.config.negative_prompt
         )  # no-op unless the embeddings went stale
@@ -199,15 +205,25 @@ class StreamDenoiser:
 
     # 3. the latent: blend with the previous output, noise to the first timestep
     def _start(self, job: Job, latent: torch.Tensor) -> None:
-        state = self._state
-        plan = self.plan()
-        latent = temporal.feedback_blend(latent, state.prev_latent, self.config.latent_feedback)
+        state, config = self._state, self.config
+        motion = state.coherence.wait() if state.coherence is not None else None
+        if motion is not None and motion.cut:  # a scene cut: start over instead of smearing the last scene
+            state.prev_latent, state.noise = None, []
+        if state.coherence is not None and config.feedback_warp:
+            latent = state.coherence.blend(latent, state.prev_latent, config.latent_feedback)
+        else:
+            latent = temporal.feedback_blend(latent, state.prev_latent, config.latent_feedback)
         job.noise = self._noise(latent, state)
+        if state.coherence is not None and config.motion_strength > 0:
+            self._use_strength(state.coherence.strength(config))
+        else:
+            self._use_strength(config.strength)
+        plan = self.plan()  # after the strength: a new schedule makes a new plan
         job.x = schedule.add_noise(latent, job.noise[0], plan.schedule.alphas[0])
         job.frame = InFlight(
             job.tag, plan, job.x, latent, job.noise, entered=job.timer.started, control=job.control
         )
-        job.calls = 1 if self.config.stream_batch else plan.steps
+        job.calls = 1 if config.stream_batch else plan.steps
 
     def _rows(self, job: Job, i: int) -> frame_plan.Rows:
         """Step i's UNet rows for this stream (frame_plan.Rows), 2 with full CFG, else 1; with Stream
@@ -315,6 +331,7 @@ class StreamDenoiser:
         )
         self._t = [torch.tensor([t], device=self.device) for t in timesteps]
         self._plan = None
+        self._strength = config.strength  # what the schedule was made for (motion may lower it a frame)
         clip = sc.get("clip_sample", False)
         self._clip_sample = float(sc.get("clip_sample_range", 1.0)) if clip else None
 
@@ -365,12 +382,17 @@ class StreamDenoiser:
         return self._guidance_embed
 
     def _noise(self, latent: torch.Tensor, state: _StreamState) -> list[torch.Tensor]:
-        """The initial noise and LCM's per-step noises: fixed for the stream, or fresh every frame."""
+        """The initial noise and LCM's per-step noises: fixed for the stream, moved with the content
+        (`warped`; fresh noise from a second seeded generator where the flow leaves holes), or fresh."""
         count = len(self._schedule.timesteps) if self.config.scheduler == "lcm" else 1
         shape = tuple(latent.shape)
-        if self.config.noise == "fixed":
+        if self.config.noise in ("fixed", "warped"):
             if len(state.noise) != count or tuple(state.noise[0].shape) != shape:
                 state.noise = self._draw(torch.Generator("cpu").manual_seed(self.config.seed), shape, count)
+            elif self.config.noise == "warped" and state.coherence is not None:
+                if state.generator is None:
+                    state.generator = torch.Generator("cpu").manual_seed(self.config.seed + 1)
+                state.noise = state.coherence.carry(state.noise, state.generator)
             return state.noise
         if state.generator is None:
             state.generator = torch.Generator("cpu").manual_seed(self.config.seed)
@@ -382,6 +404,23 @@ class StreamDenoiser:
             torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
             for _ in range(count)
         ]
+
+    def _track_motion(self, frame: np.ndarray, state: _StreamState) -> None:
+        """Start this frame's optical flow (on the flow threads) when a setting follows the motion."""
+        if not follows_motion(self.config):
+            state.coherence = None
+            return
+        assert state.geometry is not None
+        if state.coherence is None:
+            latent = (self.config.height // self.vae_factor, self.config.width // self.vae_factor)
+            state.coherence = Coherence(latent, self.vae_factor, self.device)
+        state.coherence.submit(frame, state.geometry)
+
+    def _use_strength(self, strength: float) -> None:
+        if strength != self._strength:
+            # No schedule at that strength (LCM's grid): keep the current one.
+            with contextlib.suppress(ConfigError):
+                self._set_schedule(self.config.replace(strength=strength))
 
     def _similar(self, pixels: torch.Tensor, state: _StreamState) -> bool:
         threshold = self.config.similarity_threshold

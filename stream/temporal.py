@@ -1,4 +1,5 @@
-"""Pure cross-frame math: feedback blend and frame similarity. Every input in the signature, tensors out."""
+"""Pure cross-frame math: feedback blend, frame similarity, and following the motion (flow warp of
+latents, noise carried along the flow, motion-aware strength). Every input in the signature, tensors out."""
 
 from __future__ import annotations
 
@@ -18,3 +19,138 @@ def frame_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
         return 0.0
     diff = (a.to(torch.int16) - b.to(torch.int16)).abs().float().mean().item()
     return 1.0 - diff / 255.0
+
+
+# ---------------------------------------------------------------------- following the motion
+def _grid(h: int, w: int, device: torch.device) -> torch.Tensor:
+    """(h, w, 2) float32 pixel coordinates (x, y)."""
+    ys, xs = torch.meshgrid(
+        torch.arange(h, dtype=torch.float32, device=device),
+        torch.arange(w, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    return torch.stack([xs, ys], dim=-1)
+
+
+def _nearest(x: torch.Tensor) -> torch.Tensor:
+    """Round half up (torch.round rounds half to even, which would split a uniform motion)."""
+    return torch.floor(x + 0.5)
+
+
+def warp(x: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
+    """Backward warp: out[..., y, x] = x[..., y + flow_y, x + flow_x], bilinear, edges repeated.
+
+    x: (B, C, h, w); flow: (h, w, 2) in pixels, (dx, dy): where each output pixel's content is in x.
+    """
+    h, w = x.shape[-2:]
+    where = _grid(h, w, x.device) + flow.to(x.device, torch.float32)  # (h, w, 2)
+    scale = torch.tensor([2.0 / max(w - 1, 1), 2.0 / max(h - 1, 1)], device=x.device)
+    grid = (where * scale - 1.0).unsqueeze(0).expand(x.shape[0], -1, -1, -1)  # (B, h, w, 2) in [-1, 1]
+    out = torch.nn.functional.grid_sample(
+        x.float(), grid, mode="bilinear", padding_mode="border", align_corners=True
+    )
+    return out.to(x.dtype)
+
+
+def warped_feedback_blend(
+    latent: torch.Tensor,
+    previous: torch.Tensor | None,
+    weight: float,
+    flow: torch.Tensor,
+    valid: torch.Tensor,
+) -> torch.Tensor:
+    """Feedback along the motion (StreamV2V-style, with flow instead of feature matching): the previous
+    output latent warped into this frame, blended with weight `weight * valid` per pixel, so occluded
+    and disoccluded pixels (valid 0) take the current frame's latent.
+
+    latent, previous: (1, C, h, w); flow: (h, w, 2) latent px; valid: (h, w) in [0, 1].
+    """
+    if previous is None or weight <= 0.0 or previous.shape != latent.shape:
+        return latent
+    moved = warp(previous.to(latent.dtype), flow)
+    w = (weight * valid.to(latent.device, latent.dtype)).expand_as(latent[:, :1])  # (1, 1, h, w)
+    return latent + w * (moved - latent)
+
+
+def transport_noise(
+    noise: list[torch.Tensor],
+    residual: torch.Tensor,
+    flow: torch.Tensor,
+    valid: torch.Tensor,
+    generator: torch.Generator,
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Carry noise along the motion without blurring it (in the spirit of Chang et al. 2024, "How I
+    Warped Your Noise"): each pixel takes the value of the ONE nearest noise sample the flow brings
+    there, never a mix, so every value stays a unit Gaussian; where no sample arrives (disocclusion,
+    the frame's edge, an untrusted flow, a sample already taken by a nearer pixel) it takes fresh noise
+    from `generator`. Sub-pixel motion is kept in `residual` (each sample's offset from its pixel), so
+    a slow motion moves the noise after enough frames instead of never. Zero flow keeps it exactly.
+
+    noise: tensors (1, C, h, w) moved alike; residual: (h, w, 2) in [-0.5, 0.5]; flow: (h, w, 2)
+    latent px (where each pixel's content was); valid: (h, w) in [0, 1] (< 0.5: untrusted).
+    Returns the moved noise and the new residual.
+    """
+    h, w = residual.shape[:2]
+    device = residual.device
+    # On a grid of 1/1024 px every sum below is exact in float32, so a uniform motion rounds alike
+    # at every pixel (no pixel splits off by a rounding error).
+    flow = torch.round(flow.to(device, torch.float32) * 1024.0) / 1024.0
+    source = _grid(h, w, device) + flow  # (h, w, 2): where each pixel's content was
+    limit = torch.tensor([w - 1, h - 1], device=device)
+    near = torch.minimum(torch.maximum(_nearest(source), torch.zeros(2, device=device)), limit).long()
+    picked = _nearest(source - residual[near[..., 1], near[..., 0]])  # the sample nearest to arrive
+    inside = ((picked >= 0) & (picked <= limit)).all(dim=-1)
+    picked = torch.minimum(torch.maximum(picked, torch.zeros(2, device=device)), limit).long()
+    index = picked[..., 1] * w + picked[..., 0]  # (h, w) flat source index
+    offset = picked.float() + residual[picked[..., 1], picked[..., 0]] - source  # the sample's new offset
+    keep = inside & (valid.to(device) >= 0.5)
+    # A source sample goes to one pixel only: the one it lands nearest (ties: the lower pixel index).
+    distance = offset.square().sum(dim=-1)  # (h, w)
+    flat_index, flat_keep = index.flatten(), keep.flatten()
+    key = distance.flatten() * (h * w) + torch.arange(h * w, device=device, dtype=torch.float32)
+    key = torch.where(flat_keep, key, torch.full_like(key, float("inf")))
+    best = torch.full((h * w,), float("inf"), device=device).scatter_reduce(
+        0, flat_index, key, reduce="amin", include_self=True
+    )
+    keep = (flat_keep & (best[flat_index] == key)).view(h, w)
+    holes = ~keep
+    count = int(holes.sum())
+    moved = []
+    for n in noise:
+        taken = n.flatten(2)[:, :, index.flatten().to(n.device)].view_as(n)  # (1, C, h, w)
+        if count:
+            fresh = torch.randn((n.shape[1], count), generator=generator, dtype=torch.float32)
+            taken[0][:, holes.to(n.device)] = fresh.to(n.device, n.dtype)
+        moved.append(taken)
+    new_residual = torch.where(keep.unsqueeze(-1), offset.clamp(-0.5, 0.5), torch.zeros_like(offset))
+    return moved, new_residual
+
+
+def motion_strength(strength: float, speed: float, bound: float, full_speed: float, least: float) -> float:
+    """Motion-aware strength (StreamDiffusionV2's motion-aware noise controller): the faster the input
+    moves, the less it is noised, down to (1 - bound) x strength at `full_speed` and above, never
+    below `least`. speed and full_speed in the same unit (canvas px a frame)."""
+    if bound <= 0.0 or full_speed <= 0.0:
+        return strength
+    share = min(max(speed / full_speed, 0.0), 1.0)
+    return max(least, strength * (1.0 - bound * share))
+
+
+def upsample_noise(noise: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Unit Gaussian noise on a k-times finer grid whose k x k block sums / k give back `noise` exactly
+    (the conditional upsampling of Chang et al. 2024, "How I Warped Your Noise"): u = z / k + (w minus
+    its block mean), w i.i.d. unit Gaussian, so the fine values are again i.i.d. unit Gaussian.
+
+    noise: (1, C, h, w) -> (1, C, h k, w k).
+    """
+    _, c, h, w = noise.shape
+    fine = torch.randn((1, c, h * k, w * k), generator=generator, dtype=torch.float32).to(noise.device)
+    blocks = fine.view(1, c, h, k, w, k)
+    blocks = blocks - blocks.mean(dim=(3, 5), keepdim=True) + noise.float().view(1, c, h, 1, w, 1) / k
+    return blocks.reshape(1, c, h * k, w * k).to(noise.dtype)
+
+
+def downsample_noise(fine: torch.Tensor, k: int) -> torch.Tensor:
+    """k x k block sums / k: (1, C, h k, w k) -> (1, C, h, w); i.i.d. unit Gaussians stay so."""
+    _, c, hk, wk = fine.shape
+    return (fine.float().view(1, c, hk // k, k, wk // k, k).sum(dim=(3, 5)) / k).to(fine.dtype)

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -158,39 +159,55 @@ def test_flow_follows_the_pan_and_explains_the_input_better_than_random_frames()
 
 
 def test_temporal_quick_run(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    png = tmp_path / "temporal.png"
-    argv = [*QUICK, "--feedback", "0.6", "--plot", str(png)]
+    png, strip = tmp_path / "temporal.png", tmp_path / "strip.png"
+    argv = [*QUICK, "--feedback", "0.6", "--clips", "pan,object", "--plot", str(png), "--strip", str(strip)]
     assert temporal_bench.main(argv) == 0
     out = capsys.readouterr().out
     report = last_json(out)
     assert report["benchmark"] == "temporal" and report["command"].endswith(" ".join(argv))
-    for key in ("model", "device", "torch", "diffusers", "cpu", "moving", "static", "noise", "seed"):
+    for key in ("model", "device", "torch", "diffusers", "cpu", "clips", "time", "settings", "seed"):
         assert key in report
-    assert report["feedback"] == 0.6 and report["noise"] == "fixed" and report["motion"] == "pan"
-    moving, static = report["moving"], report["static"]
-    values = [
-        moving["input_warp_error"],
-        *moving["warp_error"].values(),
-        static["input_change"],
-        *static["change"].values(),
-    ]
-    assert all(math.isfinite(v) and v >= 0 for v in values), values
-    assert set(moving["warp_error"]) == set(static["change"]) == {"feedback_off", "feedback_on"}
-    assert 0 <= moving["occluded_fraction"] < 0.5
-    assert 1.0 < static["input_change"] < 3.5  # the camera noise (sigma 2, rounded, clipped)
-    assert moving["input_warp_error"] < 5.0  # the flow explains the panned input almost fully
+    assert report["feedback"] == 0.6 and list(report["clips"]) == ["pan", "object", "still"]
+    settings = ["no_feedback", "in_place", "warped_feedback", "warped_noise", "both"]
+    assert list(report["settings"]) == settings and list(report["time"]) == settings
+    assert report["settings"]["in_place"]["feedback_warp"] is False
+    assert report["settings"]["both"] == {"latent_feedback": 0.6, "feedback_warp": True, "noise": "warped"}
+    for name, clip in report["clips"].items():
+        for measure in ("warp_error", "change"):
+            assert set(clip[measure]) == {"input", *settings}
+            assert all(math.isfinite(v) and v >= 0 for v in clip[measure].values()), (name, clip)
+    assert 0 <= report["clips"]["pan"]["masked_fraction"] < 0.5
+    assert 1.0 < report["clips"]["still"]["change"]["input"] < 3.5  # the camera noise (sigma 2)
+    assert report["clips"]["pan"]["warp_error"]["input"] < 5.0  # the flow explains the panned input
+    # A still scene: warped noise does not move, so it is exactly fixed noise.
+    still = report["clips"]["still"]["change"]
+    assert still["warped_noise"] == still["no_feedback"] and still["both"] == still["warped_feedback"]
+    assert (
+        all(t["p50_ms"] > 0 for t in report["time"].values())
+        and report["time"]["no_feedback"]["added_pct"] == 0
+    )
     header = out.splitlines()[0]
     assert "random weights" in header and "fake" not in out.lower()
-    assert "noise fixed" in out
+    assert "added to no feedback" in out
     assert_png(png)
+    assert_png(strip)
 
 
-def test_temporal_zoom_runs(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
-    argv = [*QUICK, "--frames", "3", "--warmup", "0", "--motion", "zoom", "--steps", "1"]
+def test_temporal_zoom_motion_strength_and_a_video_file(
+    tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    video = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 24, (80, 64))
+    for frame in photo_clip("pan", 4, (64, 80), step=3):
+        writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
+    writer.release()
+    argv = [*QUICK, "--frames", "3", "--warmup", "0", "--clips", "zoom", "--steps", "1"]
+    argv += ["--clip", str(video), "--motion-strength", "0.4"]
     assert temporal_bench.main(argv) == 0
     report = last_json(capsys.readouterr().out)
-    assert report["motion"] == "zoom" and report["zoom_rate"] == 0.01
-    assert math.isfinite(report["moving"]["warp_error"]["feedback_on"])
+    assert list(report["clips"]) == ["zoom", "file:clip.avi", "still"] and report["zoom_rate"] == 0.01
+    assert report["settings"]["both_motion"]["motion_strength"] == 0.4
+    assert math.isfinite(report["clips"]["file:clip.avi"]["warp_error"]["both_motion"])
 
 
 @pytest.mark.parametrize(
@@ -199,7 +216,9 @@ def test_temporal_zoom_runs(tiny_model_dir: Path, capsys: pytest.CaptureFixture)
         (["--frames", "1"], ("--frames", "at least 2")),
         (["--feedback", "0"], ("--feedback", "(0, 1)")),
         (["--feedback", "1.5"], ("--feedback",)),
-        (["--motion", "spin"], ("--motion",)),
+        (["--clips", "spin"], ("--clips", "spin")),
+        (["--clip", "/no/such/video.mp4"], ("--clip", "cannot read video")),
+        (["--motion-strength", "1"], ("--motion-strength",)),
         (["--strength", "2"], ("strength",)),
     ],
 )

@@ -1,0 +1,122 @@
+"""One stream's temporal coherence that follows the motion.
+
+In-place latent feedback blends the previous output where the content WAS, and fixed noise stays
+glued to the screen while the content moves. Given the input's optical flow (stream/flow.py, computed
+off the model thread while the batch is encoded), a stream's `Coherence`:
+
+- warps the previous output latent into the current frame before the feedback blend, occluded and
+  disoccluded pixels taking the current frame's latent (`feedback_warp`);
+- carries the stream's noise along the flow (`noise="warped"`): the noise is split into unit Gaussian
+  sub-samples on the flow's finer grid (summing back to it exactly), those move by nearest-sample
+  transport with fresh noise where the flow leaves holes, and each latent pixel is their block sum / k:
+  every latent pixel stays unit Gaussian and the noise moves by a fraction of a latent pixel (a latent
+  pixel is 8-16 canvas pixels) without blurring; exactly fixed on a still scene;
+- lowers strength when the input moves fast, within the share the user allows (`motion_strength`);
+- reports a scene cut (the flow fails almost everywhere), after which the stream starts over.
+
+On a still frame (nothing moves by half a canvas pixel) the feedback blends in place and the noise does
+not move, so a still scene behaves exactly as without any of this.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from stream import temporal
+from stream.config import MAX_TRAIN_TIMESTEPS, StreamConfig
+from stream.flow import FlowTracker, Motion
+from stream.frames import Geometry
+
+NOISE_GRID = 4  # warped noise moves on a grid this many times finer than the latent (when the flow's is)
+FULL_SPEED = 0.03  # motion-aware strength is lowered fully at this share of the canvas's longer side a frame
+SPEED_SMOOTHING = 0.5  # exponential smoothing of the speed from frame to frame (0 = none)
+
+
+def follows_motion(config: StreamConfig) -> bool:
+    """Whether the stream needs the input's optical flow at all."""
+    return (
+        (config.latent_feedback > 0 and config.feedback_warp)
+        or config.noise == "warped"
+        or config.motion_strength > 0
+    )
+
+
+class Coherence:
+    """A stream's flow tracker, its warped noise's sub-pixel offsets, its smoothed speed."""
+
+    def __init__(self, latent: tuple[int, int], vae_factor: int, device: torch.device) -> None:
+        self.tracker = FlowTracker(latent, vae_factor)
+        self.device = device
+        self.canvas_side = max(latent) * vae_factor
+        # Warped noise on the finer grid, kept on the CPU (where its generator is): (1, C, h k, w k) each.
+        self.fine: list[torch.Tensor] | None = None
+        self.residual = torch.zeros(0)  # (h k, w k, 2) its samples' sub-pixel offsets
+        self._carried: torch.Tensor | None = None  # the noise `carry` returned last
+        self.speed: float | None = None  # smoothed, canvas px a frame
+        self.motion: Motion | None = None  # the current frame's (None: the stream's first frame)
+        self._flow: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def submit(self, frame: np.ndarray, geometry: Geometry) -> None:
+        """Start the flow from the previous frame the model ran on to this one (on the flow threads)."""
+        self.tracker.submit(frame, geometry)
+
+    def wait(self) -> Motion | None:
+        """This frame's motion (waits for the flow); a scene cut forgets the noise offsets and speed."""
+        motion = self.motion = self.tracker.result()
+        self._flow = None
+        if motion is None:
+            return None
+        if motion.cut:
+            self.fine = None
+            self.speed = None
+        elif self.speed is None:
+            self.speed = motion.speed
+        else:
+            self.speed = SPEED_SMOOTHING * self.speed + (1.0 - SPEED_SMOOTHING) * motion.speed
+        return motion
+
+    def moving(self) -> bool:
+        return self.motion is not None and not self.motion.still and not self.motion.cut
+
+    def blend(self, latent: torch.Tensor, previous: torch.Tensor | None, weight: float) -> torch.Tensor:
+        """Latent feedback along the motion; in place on a still frame."""
+        if not self.moving():
+            return temporal.feedback_blend(latent, previous, weight)
+        assert self.motion is not None
+        if self._flow is None:
+            self._flow = (
+                torch.from_numpy(self.motion.latent_flow()).to(self.device),  # (h, w, 2) latent px
+                torch.from_numpy(self.motion.latent_valid()).to(self.device),  # (h, w)
+            )
+        return temporal.warped_feedback_blend(latent, previous, weight, *self._flow)
+
+    def carry(self, noise: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
+        """The stream's noise moved with the content; unchanged on a still frame."""
+        if not self.moving():
+            return noise
+        assert self.motion is not None
+        cell = self.motion.cell
+        k = max(d for d in range(1, NOISE_GRID + 1) if cell % d == 0)  # the finest that divides the flow's
+        if self.fine is None or self._carried is not noise[0]:  # new noise: split it on the fine grid
+            self.fine = [temporal.upsample_noise(n.cpu().float(), k, generator) for n in noise]
+            self.residual = torch.zeros(*self.fine[0].shape[-2:], 2)
+        flow, valid = (torch.from_numpy(a) for a in self.motion.on_grid(k))  # (h k, w k, 2), (h k, w k)
+        self.fine, self.residual = temporal.transport_noise(self.fine, self.residual, flow, valid, generator)
+        moved = [
+            temporal.downsample_noise(f, k).to(n.device, n.dtype)
+            for f, n in zip(self.fine, noise, strict=True)
+        ]
+        self._carried = moved[0]
+        return moved
+
+    def strength(self, config: StreamConfig) -> float:
+        """The frame's strength: config.strength lowered by up to config.motion_strength of it as the
+        smoothed speed reaches FULL_SPEED (rounded to 0.01, so the schedule changes only that often)."""
+        least = config.steps / MAX_TRAIN_TIMESTEPS
+        lowered = temporal.motion_strength(
+            config.strength, self.speed or 0.0, config.motion_strength, FULL_SPEED * self.canvas_side, least
+        )
+        if lowered >= config.strength:
+            return config.strength
+        return min(config.strength, max(least, round(lowered, 2)))
