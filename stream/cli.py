@@ -18,9 +18,7 @@ from stream.args import (
     Parser,
     UsageError,
     add_budget_arguments,
-    add_cluster_arguments,
     add_config_arguments,
-    add_limit_arguments,
     add_stream_batch_arguments,
     check_budget_arguments,
     config_from_args,
@@ -35,6 +33,7 @@ from stream.media import SinkError, SourceError, open_sink, open_source
 from stream.models import ModelError, load_model
 from stream.monitor import LatencyMonitor
 from stream.run import EXIT_INTERRUPTED, run_loop
+from stream.serve_args import add_cluster_arguments, add_limit_arguments
 from stream.sizes import check_sides, components_multiple
 
 logger = logging.getLogger(__name__)

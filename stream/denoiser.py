@@ -19,14 +19,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from stream import control, frame_plan, schedule, temporal
 from stream.batch import EMPTY, FrameResult, Job, process_batch
 from stream.coherence import Coherence, follows_motion
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
-from stream.frames import Geometry, StageTimer, letterbox_geometry
+from stream.frames import Geometry, StageTimer, from_canvas, letterbox_geometry, to_canvas
 from stream.models import Components, load_model, sdxl
 from stream.stream_batch import InFlight, StreamBatch
 from stream.transfer import FrameTransfer
@@ -264,26 +263,11 @@ class StreamDenoiser:
 
     def preprocess(self, pixels: torch.Tensor, geometry: Geometry) -> torch.Tensor:
         """(h, w, 3) uint8 on the device -> (1, 3, H, W) in [-1, 1], letterboxed into the model canvas."""
-        x = pixels.permute(2, 0, 1).unsqueeze(0).to(self.dtype) / 127.5 - 1.0  # (1, 3, h, w)
-        if geometry.inner != geometry.src:
-            x = F.interpolate(
-                x.float(), size=geometry.inner, mode="bilinear", antialias=True, align_corners=False
-            ).to(self.dtype)
-        (top, left), (ih, iw), (ch, cw) = geometry.offset, geometry.inner, geometry.canvas
-        if (ih, iw) != (ch, cw):
-            x = F.pad(x.float(), (left, cw - iw - left, top, ch - ih - top), mode="replicate").to(self.dtype)
-        return x
+        return to_canvas(pixels, geometry, self.dtype)
 
     def postprocess(self, image: torch.Tensor, geometry: Geometry) -> np.ndarray:
         """(1, 3, H, W) in [0, 1] -> (h, w, 3) uint8 RGB numpy at the frame's own size."""
-        (top, left), (ih, iw) = geometry.offset, geometry.inner
-        image = image[:, :, top : top + ih, left : left + iw]
-        if geometry.inner != geometry.src:
-            image = F.interpolate(
-                image.float(), size=geometry.src, mode="bilinear", antialias=True, align_corners=False
-            )
-        out = (image[0].float() * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)  # (h, w, 3)
-        return self._transfer.download(out)
+        return self._transfer.download(from_canvas(image, geometry))
 
     def encode_prompt(self, prompt: str) -> torch.Tensor:
         """Text -> (1, L, D) embeddings, tokenized and encoded as diffusers' SD pipelines do."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -70,3 +71,27 @@ class StageTimer:
                 self.timings[stage] = float(start.elapsed_time(end))
         self.timings["total"] = (time.perf_counter() - self._start) * 1000.0
         return self.timings
+
+
+def to_canvas(pixels: torch.Tensor, geometry: Geometry, dtype: torch.dtype) -> torch.Tensor:
+    """(h, w, 3) uint8 -> (1, 3, H, W) in [-1, 1], letterboxed into the model canvas (edges replicated)."""
+    x = pixels.permute(2, 0, 1).unsqueeze(0).to(dtype) / 127.5 - 1.0  # (1, 3, h, w)
+    if geometry.inner != geometry.src:
+        x = F.interpolate(
+            x.float(), size=geometry.inner, mode="bilinear", antialias=True, align_corners=False
+        ).to(dtype)
+    (top, left), (ih, iw), (ch, cw) = geometry.offset, geometry.inner, geometry.canvas
+    if (ih, iw) != (ch, cw):
+        x = F.pad(x.float(), (left, cw - iw - left, top, ch - ih - top), mode="replicate").to(dtype)
+    return x
+
+
+def from_canvas(image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
+    """(1, 3, H, W) in [0, 1] -> (h, w, 3) uint8 at the frame's own size, on the image's device."""
+    (top, left), (ih, iw) = geometry.offset, geometry.inner
+    image = image[:, :, top : top + ih, left : left + iw]
+    if geometry.inner != geometry.src:
+        image = F.interpolate(
+            image.float(), size=geometry.src, mode="bilinear", antialias=True, align_corners=False
+        )
+    return (image[0].float() * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)

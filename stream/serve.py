@@ -12,12 +12,13 @@ import sys
 
 import numpy as np
 
-from stream.args import UsageError, check_budget_arguments, config_from_args, limits_from_args
+from stream.args import UsageError, check_budget_arguments, config_from_args
 from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.devices import resolve_device
 from stream.media import VirtualCamSink
 from stream.models import Components, load_model
+from stream.serve_args import limits_from_args
 from stream.sizes import allowed_sizes, check_sides, components_multiple, native_side
 from stream.warmup import Measured, median_ms, pick_size
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import logging
 
-from stream.args import UsageError, limits_from_args
+from stream.args import UsageError
 from stream.cluster.ports import parse_ports
 from stream.config import ConfigError, StreamConfig
+from stream.serve_args import limits_from_args
 
 logger = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """What one peer may cost the server: text lengths, prompt re-encodes, frame sizes, media sections,
-request reading time, connecting time. Each limit is a `stream serve` flag (stream/args.py)."""
+request reading time, connecting time. Each limit is a `stream serve` flag (stream/serve_args.py)."""
 
 from __future__ import annotations
 
