@@ -131,6 +131,8 @@ def test_sessions_spread_over_both_workers_with_frames_stats_metrics_and_503(wor
                 assert status == 200 and stats["session_count"] == 4
                 assert sorted(s["worker"] for s in stats["sessions"]) == [W1, W1, W2, W2]
                 assert {w["worker"]: w["sessions"] for w in stats["workers"]} == {W1: 2, W2: 2}
+                # users' prompts only to the token (none here): the workers' answers to the front are stripped
+                assert all("prompt" not in s["settings"] for s in stats["sessions"]), stats["sessions"]
                 status, text = await get(url, "/metrics")
                 assert status == 200
                 for name in (W1, W2):
@@ -192,9 +194,20 @@ def test_whip_in_and_whep_out_on_the_second_worker(workers: Any) -> None:
                 await viewer.setLocalDescription(await viewer.createOffer())
                 async with aiohttp.ClientSession() as http:
                     sdp, headers = viewer.localDescription.sdp, {"Content-Type": "application/sdp"}
-                    async with http.post(f"{url}/whep/{session}", data=sdp, headers=headers) as r:
+                    # another's session needs its view key, through the front as on one server
+                    async with http.post(f"{url}/whep/{browser.session}", data=sdp, headers=headers) as r:
+                        assert r.status == 401 and "view key" in (await r.json())["error"]
+                    key = f"{url}/whep/{browser.session}?key={browser.view_key}"
+                    async with http.post(key, data=sdp, headers=headers) as r:  # its page's key: allowed
+                        assert r.status == 201, await r.text()
+                        keyed = r.headers["Location"]
+                    async with http.delete(f"{url}{keyed}?key={browser.view_key}") as r:
+                        assert r.status == 200
+                    # the WHIP session (no view key) is the newest: `POST /whep` plays it
+                    async with http.post(f"{url}/whep", data=sdp, headers=headers) as r:
                         assert r.status == 201, await r.text()
                         playback, answer = r.headers["Location"], await r.text()
+                    assert playback.startswith(f"/whep/{session}/"), playback
                     await viewer.setRemoteDescription(RTCSessionDescription(answer, "answer"))
                     await until(lambda: len(received) >= 3, timeout=60)
                     assert received[-1].to_ndarray(format="rgb24").shape == INPUT.shape

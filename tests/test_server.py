@@ -124,6 +124,7 @@ class Client:
             answer = await r.json()
             assert r.status == 200, answer
         self.session = answer["session"]
+        self.view_key = answer.get("view_key", "")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
 
     async def wait_frames(self, count: int, timeout: float = 30.0) -> None:

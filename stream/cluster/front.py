@@ -40,6 +40,7 @@ class ClusterFront(StreamServer):
 
     def __init__(self, pool: WorkerPool, config: StreamConfig, **options: Any) -> None:
         super().__init__(config, no_model, model_name="", placeholder=False, **options)
+        self.view_keys: dict[str, str] = {}  # session -> its view key (from its /offer answer)
         self.pool = pool
         self.poller: asyncio.Task[None] | None = None
         self.own = CollectorRegistry(auto_describe=True)  # the front's own metrics (no session metrics)
@@ -102,10 +103,7 @@ class ClusterFront(StreamServer):
                 "sessions": sum(w.sessions for w in ready),
                 "max_sessions": sum(w.max_sessions for w in ready),
                 "auth": bool(self.token),
-                "ice_servers": [
-                    {"urls": s.urls, "username": s.username, "credential": s.credential}
-                    for s in self.ice_servers
-                ],
+                "ice_servers": self.ice_servers_for(request),
                 "settings": first.get("settings", {n: getattr(self.config, n) for n in LIVE_SETTINGS}),
                 "sizes": first.get("sizes", [[w, h] for w, h in self.sizes]),
                 "workers": [w.summary() for w in workers],
@@ -118,20 +116,10 @@ class ClusterFront(StreamServer):
         sessions = [{**s, "worker": worker.name} for worker, stats in answers for s in stats["sessions"]]
         first = answers[0][1] if answers else {}
         per_worker = {worker.name: stats for worker, stats in answers}
+        body = self.stats_body(request, sessions, first.get("model", ""), first.get("placeholder", False))
         return web.json_response(
             {
-                "model": first.get("model", ""),
-                "placeholder": first.get("placeholder", False),
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "target_fps": self.target_fps,
-                "budget_ms": round(1000.0 / self.target_fps, 2),
-                "adaptive": self.adaptive,
-                "sessions": sessions,
-                "session_count": len(sessions),
-                "fps_out": round(sum(s["fps_out"] for s in sessions), 2),
-                "fps_in": round(sum(s["fps_in"] for s in sessions), 2),
-                "drops": sum(s["drops"] for s in sessions),
-                "skipped": sum(s["skipped"] for s in sessions),
+                **body,
                 "workers": [
                     {
                         **w.summary(),

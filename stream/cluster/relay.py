@@ -13,6 +13,7 @@ from aiohttp import web
 
 from stream.cluster.placement import WorkerView, pick, why_full
 from stream.cluster.pool import WorkerLost
+from stream.server import auth
 from stream.server.signaling import error, no_trickle, preflight
 
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.
         session = session_of(status, headers, data)
         if session is not None:
             front.pool.placed(session, worker)
+            remember_view_key(front, session, data)
             front.offers.labels(worker.name).inc()
             front.signaling_seconds.observe(time.perf_counter() - started)
             logger.info("%s session %s placed on %s", kind, session, worker.name)
@@ -78,6 +80,26 @@ def session_of(status: int, headers: dict[str, str], data: bytes) -> str | None:
             return None
         return session if isinstance(session, str) else None
     return None
+
+
+def remember_view_key(front: ClusterFront, session: str, data: bytes) -> None:
+    """The new session's view key from its worker's answer (/offer): the front checks it for WHEP, as the
+    single-process server does (the worker sees only the front's own credentials)."""
+    try:
+        key = json.loads(data).get("view_key")
+    except (ValueError, AttributeError):  # WHIP: no view key
+        return
+    if isinstance(key, str):
+        for gone in [s for s in front.view_keys if s not in front.pool.routes]:
+            del front.view_keys[gone]
+        front.view_keys[session] = key
+
+
+def may_watch(front: ClusterFront, request: web.Request, session: str) -> bool:
+    """The session's view key (Bearer or ?key=) or the front's token, as auth.may_watch."""
+    key = front.view_keys.get(session)
+    given = (auth.bearer(request), request.query.get("key", ""))
+    return auth.is_admin(front, request) or (key is not None and any(auth.same(g, key) for g in given))
 
 
 def holder(front: ClusterFront, session: str) -> WorkerView | web.Response:
@@ -120,8 +142,18 @@ async def whep(front: ClusterFront, request: web.Request) -> web.Response:
         return error(404, "no session is running yet: start one in the page or send with WHIP", cors=True)
     if "session" not in request.match_info:  # the worker's own `POST /whep` plays its newest, not ours
         return await forward(front, request, session, f"/whep/{session}")
+    if not may_watch(front, request, session):
+        return error(
+            401,
+            f"watching session {session!r} needs its view key (given to its page) or the server's "
+            "token: send 'Authorization: Bearer <key>' or add ?key=<key>",
+            cors=True,
+        )
     return await forward(front, request, session)
 
 
 async def whep_delete(front: ClusterFront, request: web.Request) -> web.Response:
-    return await forward(front, request, request.match_info["session"])
+    session = request.match_info["session"]
+    if front.token and not may_watch(front, request, session):
+        return error(401, "ending a viewer needs its session's view key or the server's token", cors=True)
+    return await forward(front, request, session)

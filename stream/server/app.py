@@ -235,40 +235,48 @@ class StreamServer:
                 "sessions": len(self.sessions),
                 "max_sessions": self.max_sessions,
                 "auth": bool(self.token),
-                # credentials (TURN) only to those who may start sessions; the rest get the addresses
-                "ice_servers": [
-                    {"urls": s.urls, "username": s.username, "credential": s.credential}
-                    if self.token is None or auth.is_admin(self, request)
-                    else {"urls": s.urls}
-                    for s in self.ice_servers
-                ],
+                "ice_servers": self.ice_servers_for(request),
                 "settings": {name: getattr(self.config, name) for name in LIVE_SETTINGS},
                 "sizes": [[w, h] for w, h in self.sizes],
             },
             status=200 if problem is None else 503,
         )
 
+    def ice_servers_for(self, request: web.Request) -> list[dict[str, Any]]:
+        """The ICE servers: credentials (TURN) only to those who may start sessions; the rest get the
+        addresses."""
+        return [
+            {"urls": s.urls, "username": s.username, "credential": s.credential}
+            if self.token is None or auth.is_admin(self, request)
+            else {"urls": s.urls}
+            for s in self.ice_servers
+        ]
+
     async def stats(self, request: web.Request) -> web.Response:
         sessions = [s.snapshot() for s in self.sessions.values()]
-        if not auth.is_admin(self, request):  # users' prompts only to the server's token
+        return web.json_response(self.stats_body(request, sessions, self.model_name, self.placeholder))
+
+    def stats_body(
+        self, request: web.Request, sessions: list[dict[str, Any]], model: str, placeholder: bool
+    ) -> dict[str, Any]:
+        """/stats of these sessions' snapshots; users' prompts only to the server's token."""
+        if not auth.is_admin(self, request):
             for snap in sessions:
                 snap["settings"] = {k: v for k, v in snap["settings"].items() if k not in TEXT_SETTINGS}
-        return web.json_response(
-            {
-                "model": self.model_name,
-                "placeholder": self.placeholder,
-                "uptime_s": round(time.monotonic() - self.started, 1),
-                "target_fps": self.target_fps,
-                "budget_ms": round(1000.0 / self.target_fps, 2),
-                "adaptive": self.adaptive,
-                "sessions": sessions,
-                "session_count": len(sessions),
-                "fps_out": round(sum(s["fps_out"] for s in sessions), 2),
-                "fps_in": round(sum(s["fps_in"] for s in sessions), 2),
-                "drops": sum(s["drops"] for s in sessions),
-                "skipped": sum(s["skipped"] for s in sessions),
-            }
-        )
+        return {
+            "model": model,
+            "placeholder": placeholder,
+            "uptime_s": round(time.monotonic() - self.started, 1),
+            "target_fps": self.target_fps,
+            "budget_ms": round(1000.0 / self.target_fps, 2),
+            "adaptive": self.adaptive,
+            "sessions": sessions,
+            "session_count": len(sessions),
+            "fps_out": round(sum(s["fps_out"] for s in sessions), 2),
+            "fps_in": round(sum(s["fps_in"] for s in sessions), 2),
+            "drops": sum(s["drops"] for s in sessions),
+            "skipped": sum(s["skipped"] for s in sessions),
+        }
 
     async def metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.registry)
