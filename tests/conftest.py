@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from stream.clips import load_photo, window_pan
+from stream.config import StreamConfig
 
 # Generated models go to a fresh folder per test session, never the user's cache.
 if "STREAM_CACHE" not in os.environ:
@@ -49,3 +50,14 @@ def photo(name: str = "coffee") -> np.ndarray:
 def pan_clip(frames: int, size: tuple[int, int], step: int = 4, name: str = "coffee") -> list[np.ndarray]:
     """A clip with known motion: a (h, w) window panning right over a real photo by `step` px per frame."""
     return window_pan(frames, size, step=(step, 0), photo=name)
+
+
+def cpu_config(size: int, **changes: object) -> StreamConfig:
+    """The tiny model on the CPU at size x size, 2 steps, with `changes`."""
+    base: dict[str, object] = {"model": "tiny", "width": size, "height": size, "device": "cpu", "steps": 2}
+    base.update(changes)
+    return StreamConfig(**base)  # type: ignore[arg-type]
+
+
+# a stream of the tiny model with a prompt, a seed and a strength (the denoiser and motion tests)
+STREAM = {"strength": 0.5, "prompt": "a watercolor painting of a cup", "seed": 3}

@@ -23,24 +23,13 @@ from stream import schedule
 from stream.config import ConfigError, StreamConfig
 from stream.denoiser import STAGES, StreamDenoiser
 from stream.models import Components, ModelError, build_tiny_pipeline, random_arch_configs
-from tests.conftest import pan_clip, photo
+from tests.conftest import STREAM, cpu_config, pan_clip, photo
 
 SIZE = 128  # the tiny model's autoencoder downsamples by 16: 8x8 latents
 
 
 def tiny_config(**changes: object) -> StreamConfig:
-    base = {
-        "model": "tiny",
-        "width": SIZE,
-        "height": SIZE,
-        "steps": 2,
-        "strength": 0.5,
-        "device": "cpu",
-        "prompt": "a watercolor painting of a cup",
-        "seed": 3,
-    }
-    base.update(changes)
-    return StreamConfig(**base)  # type: ignore[arg-type]
+    return cpu_config(SIZE, **{**STREAM, **changes})
 
 
 @pytest.fixture(scope="module")

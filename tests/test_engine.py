@@ -17,15 +17,13 @@ from stream.config import ConfigError, StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.engine import Engine
 from stream.models import Components, build_tiny_pipeline, load_model
-from tests.conftest import pan_clip, photo
+from tests.conftest import cpu_config, pan_clip, photo
 
 SIZE = 64
 
 
 def config(**changes: object) -> StreamConfig:
-    base: dict[str, object] = {"model": "tiny", "width": SIZE, "height": SIZE, "device": "cpu", "steps": 2}
-    base.update(changes)
-    return StreamConfig(**base)  # type: ignore[arg-type]
+    return cpu_config(SIZE, **changes)
 
 
 @pytest.fixture(scope="module")

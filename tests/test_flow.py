@@ -19,24 +19,13 @@ from stream.config import ConfigError, StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.flow import FlowTracker
 from stream.frames import letterbox_geometry
-from tests.conftest import pan_clip, photo
+from tests.conftest import STREAM, cpu_config, pan_clip, photo
 
 SIZE = 128  # the tiny model's autoencoder downsamples by 16: 8x8 latents
 
 
 def tiny_config(**changes: object) -> StreamConfig:
-    base: dict[str, object] = {
-        "model": "tiny",
-        "width": SIZE,
-        "height": SIZE,
-        "steps": 2,
-        "strength": 0.5,
-        "device": "cpu",
-        "prompt": "a watercolor painting of a cup",
-        "seed": 3,
-    }
-    base.update(changes)
-    return StreamConfig(**base)  # type: ignore[arg-type]
+    return cpu_config(SIZE, **{**STREAM, **changes})
 
 
 def shift_flow(h: int, w: int, dx: float, dy: float) -> torch.Tensor:

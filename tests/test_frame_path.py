@@ -16,15 +16,13 @@ from stream.engine import Engine
 from stream.frames import StageTimer
 from stream.models import Components, load_model
 from stream.transfer import FrameTransfer
-from tests.conftest import pan_clip, photo
+from tests.conftest import cpu_config, pan_clip, photo
 
 SIZE = 64
 
 
 def config(**changes: object) -> StreamConfig:
-    base: dict[str, object] = {"model": "tiny", "width": SIZE, "height": SIZE, "device": "cpu", "steps": 2}
-    base.update(changes)
-    return StreamConfig(**base)  # type: ignore[arg-type]
+    return cpu_config(SIZE, **changes)
 
 
 @pytest.fixture(scope="module")

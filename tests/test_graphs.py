@@ -19,15 +19,13 @@ from stream.denoiser import StreamDenoiser
 from stream.engine import Engine
 from stream.graphs import GraphRunner, bucket_for, pad_rows, run_padded
 from stream.models import Components, load_model
-from tests.conftest import pan_clip
+from tests.conftest import cpu_config, pan_clip
 
 SIZE = 64
 
 
 def config(**changes: object) -> StreamConfig:
-    base: dict[str, object] = {"model": "tiny", "width": SIZE, "height": SIZE, "device": "cpu", "steps": 2}
-    base.update(changes)
-    return StreamConfig(**base)  # type: ignore[arg-type]
+    return cpu_config(SIZE, **changes)
 
 
 @pytest.fixture(scope="module")
