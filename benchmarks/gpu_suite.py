@@ -16,8 +16,10 @@ and the suite goes on):
   keeps every session at 24 FPS with p95 <= 40 ms;
 - diffusers: StableDiffusionImg2ImgPipeline on the same model, steps and size: the FPS ratio;
 - streamdiffusion: StreamDiffusion 0.1.1 itself in a subprocess (benchmarks/gpu/streamdiffusion_run.py);
+- features: Stream Batch and residual CFG on sd-turbo B (CUDA graphs): FPS, p50/p95 of a call and UNet
+  calls per frame of each (Stream Batch's output comes steps-1 frames after its input);
 - compile: torch.compile (default) + CUDA graphs on A, with its compile time (CUDA only);
-- pytest_slow: the GPU-marked tests (`pytest -m slow`).
+- pytest_slow: the GPU-marked tests (`pytest -m slow`), SDXL-Turbo and SD-Turbo + ControlNet among them.
 Writes gpu_suite.json and gpu_suite.txt (the table) to --out, prints the table, then one JSON line.
 """
 
@@ -50,13 +52,26 @@ BUDGETS = {
     "pipeline:sd-turbo": 75.0,
     "sessions": 70.0,
     "diffusers": 40.0,
-    "streamdiffusion": 100.0,
+    "streamdiffusion": 80.0,
     "pipeline:sd15": 60.0,
-    "compile": 65.0,
+    "features": 30.0,
+    "compile": 55.0,
     "pytest_slow": 60.0,
 }
 MODELS = {"sd-turbo": ("random:sd-turbo", "tiny"), "sd15": ("random:sd15", "auto")}  # model, vae
-SLOW_TESTS = ["tests/test_gpu.py", "tests/test_graphs.py", "tests/test_frame_path.py"]
+SLOW_TESTS = [
+    "tests/test_gpu.py",
+    "tests/test_graphs.py",
+    "tests/test_frame_path.py",
+    "tests/test_gpu_adapters.py",
+]
+# the features part's variants of B: StreamConfig changes
+FEATURES = {
+    "cfg full": {},
+    "cfg self": {"cfg_mode": "self"},
+    "stream batch, cfg full": {"stream_batch": True},
+    "stream batch, cfg self": {"stream_batch": True, "cfg_mode": "self"},
+}
 
 
 class PartTimeout(Exception):
@@ -116,6 +131,7 @@ class Suite:
             "diffusers": self.diffusers,
             "streamdiffusion": self.streamdiffusion,
             "pipeline:sd15": lambda d: self.pipeline("sd15", d),
+            "features": self.features,
             "compile": self.compile,
             "pytest_slow": self.pytest_slow,
         }
@@ -244,6 +260,24 @@ class Suite:
             if isinstance(result.get("modes", {}).get(name), dict):
                 result["modes"][name]["stream_fps"] = fps
         return result  # its status: ok, not run (not installed), failed or timed out
+
+    def features(self, deadline: measure.Deadline) -> dict[str, Any]:
+        """Stream Batch and residual CFG on sd-turbo B: one engine each, the same clip and frames."""
+        components = self._load("sd-turbo")
+        mode = measure.MODES[1]
+        warmup = max(self.warmup, mode.steps)  # Stream Batch's first outputs come k-1 frames late
+        runs: dict[str, Any] = {}
+        for v, (name, changes) in enumerate(FEATURES.items()):
+            config = self._config("sd-turbo", mode, **changes)
+            share = measure.Deadline(deadline.left() / (len(FEATURES) - v))
+            engine, note = measure.make_engine(components, config, "graphs")
+            calls = engine.calls
+            run = measure.measure_stream(engine, config, self.clip, warmup, self.frames, share)
+            processed = warmup + run["summary"]["frames"]
+            per_frame = round((engine.calls - calls) / processed, 2)
+            runs[name] = {**run["summary"], "unet_calls_per_frame": per_frame, "note": note}
+            del engine
+        return {"model": self._config("sd-turbo", mode).model, "mode": mode.name, "variants": runs}
 
     def compile(self, deadline: measure.Deadline) -> dict[str, Any]:
         if not self.cuda:

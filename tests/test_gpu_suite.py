@@ -51,6 +51,10 @@ def test_the_whole_suite_rehearses_on_the_cpu(
     for mode in ("A", "B"):
         assert parts["diffusers"]["modes"][mode]["speedup_fps"] > 0
         assert parts["diffusers"]["modes"][mode]["frames"] >= 1
+    features = parts["features"]["variants"]  # Stream Batch: one UNet call a frame; without it, the steps
+    assert set(features) == set(gpu_suite.FEATURES)
+    assert features["stream batch, cfg full"]["unet_calls_per_frame"] == 1.0
+    assert features["cfg full"]["unet_calls_per_frame"] == 4.0
     targets = record["targets"]
     assert targets[">= 1.5x StreamDiffusion"] is None  # not run here: not measured, never "missed"
     assert set(targets["A >= 250 FPS, p50 <= 4 ms"]) == {"fps", "p50_ms", "holds"}

@@ -138,6 +138,11 @@ def summary_lines(record: dict[str, Any]) -> dict[str, str]:
                     out["B share of the physical limit"] = (
                         f"{best / B_LIMIT_FPS:.1%} of {B_LIMIT_FPS:.0f} FPS"
                     )
+    for variant, r in (parts.get("features", {}).get("variants") or {}).items():
+        calls = r["unet_calls_per_frame"]
+        out[f"B, {variant}"] = (
+            f"{r['fps']:.1f} FPS, call p95 {r['p95_ms']:.1f} ms, {calls} UNet calls a frame"
+        )
     for mode, r in (parts.get("diffusers", {}).get("modes") or {}).items():
         out[f"vs diffusers img2img {mode}"] = f"{r['speedup_fps']:.2f}x FPS"
     sd = parts.get("streamdiffusion", {})
