@@ -9,6 +9,7 @@ import errno
 import math
 import socket
 import sys
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -21,6 +22,9 @@ from stream.models import Components, load_model
 from stream.serve_args import limits_from_args
 from stream.sizes import allowed_sizes, check_sides, components_multiple, native_side
 from stream.warmup import Measured, median_ms, pick_size
+
+if TYPE_CHECKING:
+    from stream.server.limits import Limits  # (stream.server imports aiohttp and aiortc)
 
 CAMERA = (480, 640)  # (h, w) of the frames timed in the warm-up: a common webcam size
 
@@ -58,7 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if any(getattr(args, flag, None) is not None for flag in ("cluster", "workers", "rtc_ports")):
         from stream.cluster.serve import cmd_serve_cluster  # Ray only when asked for
 
-        return cmd_serve_cluster(args, config)
+        return cmd_serve_cluster(args, config, limits)
     # 2. take the port now: a port in use is said in a second, not after loading the model
     sockets = bind(args.host, args.port)
     virtualcam = None
@@ -79,17 +83,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         server = StreamServer.for_components(
             config,
             components,
-            max_sessions=args.max_sessions,
-            token=args.token,
-            ice_servers=args.ice_server,
-            idle_timeout=args.idle_timeout,
-            target_fps=args.target_fps,
-            adaptive=args.adaptive == "on",
-            max_viewers=args.max_viewers,
+            **server_options(args, limits),
             virtualcam=virtualcam,
             sizes=sizes,
             batching=args.batching == "on",
-            limits=limits,
         )
         # 4. serve; the address is printed once the socket listens
         base = f"http://{url_host(args.host)}:{args.port}"
@@ -207,3 +204,17 @@ def warm_up(
             "size in the page, or pass --width/--height"
         ),
     )
+
+
+def server_options(args: argparse.Namespace, limits: Limits) -> dict[str, Any]:
+    """StreamServer's options from `stream serve`'s flags (the cluster's front takes the same)."""
+    return {
+        "max_sessions": args.max_sessions,
+        "token": args.token,
+        "ice_servers": args.ice_server,
+        "idle_timeout": args.idle_timeout,
+        "target_fps": args.target_fps,
+        "adaptive": args.adaptive == "on",
+        "max_viewers": args.max_viewers,
+        "limits": limits,
+    }

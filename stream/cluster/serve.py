@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+from typing import TYPE_CHECKING
 
 from stream.args import UsageError
 from stream.cluster.ports import parse_ports
 from stream.config import ConfigError, StreamConfig
-from stream.serve_args import limits_from_args
+
+if TYPE_CHECKING:
+    from stream.server.limits import Limits  # (stream.server imports aiohttp and aiortc)
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +36,10 @@ def ray_address(text: str) -> str | None:
     return None if address == "local" else address
 
 
-def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig) -> int:
+def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig, limits: Limits) -> int:
     from aiohttp import web
 
-    from stream.serve import bind, say, url_host
+    from stream.serve import bind, say, server_options, url_host
 
     # 1. check the cluster's arguments
     if args.cluster is None:
@@ -92,21 +95,10 @@ def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig) -> int:
             max_viewers=args.max_viewers,
             batching=args.batching == "on",
             rtc_ports=ports,
-            limits=limits_from_args(args),
+            limits=limits,
         )
         pool = WorkerPool(settings, workers=workers, gpu=gpu)
-        front = ClusterFront(
-            pool,
-            config,
-            max_sessions=args.max_sessions,
-            token=args.token,
-            ice_servers=args.ice_server,
-            idle_timeout=args.idle_timeout,
-            target_fps=args.target_fps,
-            adaptive=args.adaptive == "on",
-            max_viewers=args.max_viewers,
-            limits=limits_from_args(args),
-        )
+        front = ClusterFront(pool, config, **server_options(args, limits))
         base = f"http://{url_host(args.host)}:{args.port}"
         url = f"{base}/" + (f"?token={args.token}" if args.token else "")
         count = f"{workers} worker(s)" if workers is not None else f"one worker per GPU ({gpus} now)"
