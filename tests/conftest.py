@@ -61,3 +61,12 @@ def cpu_config(size: int, **changes: object) -> StreamConfig:
 
 # a stream of the tiny model with a prompt, a seed and a strength (the denoiser and motion tests)
 STREAM = {"strength": 0.5, "prompt": "a watercolor painting of a cup", "seed": 3}
+
+
+# a stream of the adapter tests (SDXL, ControlNet): a prompt, a seed and a strength
+CUP = {"strength": 0.6, "prompt": "a watercolor cup", "seed": 3}
+
+
+def square_photo(size: int) -> np.ndarray:
+    """A size x size crop of the coffee photo."""
+    return np.ascontiguousarray(photo("coffee")[:size, 100 : 100 + size])

@@ -4,6 +4,7 @@ folders, the conditioning scale per row, batching, the control stage's timing, a
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -18,6 +19,7 @@ from stream.config import ConfigError, StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.engine import Engine
 from stream.models import ModelError, load_model
+from tests import conftest
 from tests.conftest import photo
 from tests.test_engine import MIXED, TOLERANCE, canvas, frames
 from tests.tiny_models import controlnet, sd_pipeline, sdxl_pipeline
@@ -37,23 +39,35 @@ def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def config(folders: dict[str, Path], **changes: object) -> StreamConfig:
-    base: dict[str, object] = {
-        "model": str(folders["sd"]),
-        "controlnet": str(folders["controlnet"]),
-        "width": SIZE,
-        "height": SIZE,
-        "steps": 2,
-        "strength": 0.6,
-        "device": "cpu",
-        "prompt": "a watercolor cup",
-        "seed": 3,
-    }
-    base.update(changes)
-    return StreamConfig(**base)  # type: ignore[arg-type]
+    adapter = {"model": str(folders["sd"]), "controlnet": str(folders["controlnet"])}
+    return conftest.cpu_config(SIZE, **{**adapter, **conftest.CUP, **changes})
+
+
+def pipeline_images(
+    pipe: Any, denoiser: StreamDenoiser, cfg: StreamConfig, frame: np.ndarray
+) -> torch.Tensor:
+    """The ControlNet img2img pipeline's output for `frame` at cfg's settings, from the stream's own
+    latent and canny edges as diffusers' ControlNet examples make them."""
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    edges = cv2.Canny(frame, 100, 200)
+    with torch.inference_mode():
+        latent = denoiser.engine.encode(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1.0)
+        return pipe(
+            prompt=cfg.prompt,
+            image=latent,
+            control_image=Image.fromarray(np.stack([edges] * 3, axis=-1)),
+            strength=cfg.strength,
+            num_inference_steps=schedule.inference_steps_for(cfg.steps, cfg.strength),
+            guidance_scale=cfg.guidance_scale,
+            controlnet_conditioning_scale=cfg.controlnet_conditioning_scale,
+            generator=torch.Generator().manual_seed(cfg.seed),
+            output_type="pt",
+        ).images
 
 
 def square_photo() -> np.ndarray:
-    return np.ascontiguousarray(photo("coffee")[:SIZE, 100 : 100 + SIZE])
+    return conftest.square_photo(SIZE)
 
 
 @pytest.mark.parametrize("guidance,scale", [(1.0, 1.0), (5.0, 0.7)])
@@ -68,23 +82,8 @@ def test_controlnet_matches_controlnet_img2img_pipeline(
         safety_checker=None,
         requires_safety_checker=False,
     )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     frame = square_photo()
-    edges = cv2.Canny(frame, 100, 200)  # what diffusers' ControlNet examples feed a canny ControlNet
-    with torch.inference_mode():
-        latent = denoiser.engine.encode(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1.0)
-        expected = pipe(
-            prompt=cfg.prompt,
-            image=latent,
-            control_image=Image.fromarray(np.stack([edges] * 3, axis=-1)),
-            strength=cfg.strength,
-            num_inference_steps=schedule.inference_steps_for(cfg.steps, cfg.strength),
-            guidance_scale=guidance,
-            controlnet_conditioning_scale=scale,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            output_type="pt",
-        ).images
+    expected = pipeline_images(pipe, denoiser, cfg, frame)
     result = denoiser.process(frame)
     assert result.image is not None
     torch.testing.assert_close(result.image, expected, atol=1e-4, rtol=0)
@@ -165,41 +164,21 @@ def test_sdxl_controlnet_matches_sdxl_controlnet_img2img_pipeline(tmp_path: Path
         ]:
             torch.nn.init.normal_(conv.weight, std=0.1)
     net.save_pretrained(tmp_path / "controlnet")
-    cfg = StreamConfig(
+    cfg = conftest.cpu_config(
+        SIZE,
         model=str(tmp_path / "sdxl"),
         controlnet=str(tmp_path / "controlnet"),
-        width=SIZE,
-        height=SIZE,
-        steps=2,
-        strength=0.6,
         guidance_scale=5.0,
         controlnet_conditioning_scale=0.8,
-        device="cpu",
-        prompt="a watercolor cup",
-        seed=3,
         timesteps="diffusers",
+        **conftest.CUP,
     )
     denoiser = StreamDenoiser.from_pretrained(cfg.model, cfg)
     pipe = StableDiffusionXLControlNetImg2ImgPipeline.from_pretrained(
         str(tmp_path / "sdxl"), controlnet=ControlNetModel.from_pretrained(str(tmp_path / "controlnet"))
     )
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
     frame = square_photo()
-    edges = cv2.Canny(frame, 100, 200)
-    with torch.inference_mode():
-        latent = denoiser.engine.encode(torch.from_numpy(frame).permute(2, 0, 1)[None].float() / 127.5 - 1.0)
-        expected = pipe(
-            prompt=cfg.prompt,
-            image=latent,
-            control_image=Image.fromarray(np.stack([edges] * 3, axis=-1)),
-            strength=cfg.strength,
-            num_inference_steps=schedule.inference_steps_for(cfg.steps, cfg.strength),
-            guidance_scale=cfg.guidance_scale,
-            controlnet_conditioning_scale=cfg.controlnet_conditioning_scale,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            output_type="pt",
-        ).images
+    expected = pipeline_images(pipe, denoiser, cfg, frame)
     ours = denoiser.process(frame).image
     assert ours is not None
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)

@@ -21,7 +21,7 @@ from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.models import ModelError, build_tiny_pipeline
 from stream.models.lora import parse_lora
-from tests.conftest import photo
+from tests import conftest
 from tests.tiny_models import sd_pipeline
 
 SIZE = 128
@@ -68,7 +68,7 @@ def config(**changes: object) -> StreamConfig:
 
 
 def square_photo() -> np.ndarray:
-    return np.ascontiguousarray(photo("coffee")[:SIZE, 100 : 100 + SIZE])
+    return conftest.square_photo(SIZE)
 
 
 def test_parse_lora() -> None:

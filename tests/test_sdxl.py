@@ -18,6 +18,7 @@ from stream.denoiser import StreamDenoiser
 from stream.engine import Engine
 from stream.models import ModelError, load_model, random_arch_configs
 from stream.models.hub import load_vae
+from tests import conftest
 from tests.conftest import photo
 from tests.test_engine import MIXED, TOLERANCE, canvas, frames
 from tests.tiny_models import sdxl_pipeline
@@ -33,22 +34,11 @@ def sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def config(folder: Path, **changes: object) -> StreamConfig:
-    base: dict[str, object] = {
-        "model": str(folder),
-        "width": SIZE,
-        "height": SIZE,
-        "steps": 2,
-        "strength": 0.6,
-        "device": "cpu",
-        "prompt": "a watercolor cup",
-        "seed": 3,
-    }
-    base.update(changes)
-    return StreamConfig(**base)  # type: ignore[arg-type]
+    return conftest.cpu_config(SIZE, **{"model": str(folder), **conftest.CUP, **changes})
 
 
 def square_photo() -> np.ndarray:
-    return np.ascontiguousarray(photo("coffee")[:SIZE, 100 : 100 + SIZE])
+    return conftest.square_photo(SIZE)
 
 
 @pytest.mark.parametrize("guidance", [1.0, 5.0])
