@@ -23,15 +23,14 @@ from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
-import av
 import numpy as np
 import ray
 import torch
 from aiohttp import web
-from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
-from aiortc.mediastreams import MediaStreamError
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from benchmarks.common import ArgumentParser, UsageError, command_line, latency_stats, usage_error
+from benchmarks.peers import ClipTrack, count_frames
 from stream.bench import environment
 from stream.clips import window_pan
 from stream.cluster.actor import WorkerSettings
@@ -43,38 +42,22 @@ from stream.config import ConfigError, StreamConfig
 PROGRAM = "benchmarks.cluster"
 
 
-class Photo(VideoStreamTrack):
-    """The same photo at 30 FPS."""
-
-    def __init__(self, frame: np.ndarray) -> None:
-        super().__init__()
-        self.frame = frame
-
-    async def recv(self) -> av.VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = av.VideoFrame.from_ndarray(self.frame, format="rgb24")
-        frame.pts, frame.time_base = pts, time_base
-        return frame
-
-
 class Viewer:
     """A browser stand-in: sends the photo, counts the processed frames that come back."""
 
     def __init__(self, frame: np.ndarray) -> None:
         self.pc = RTCPeerConnection()
-        self.pc.addTransceiver(Photo(frame), direction="sendrecv")
+        self.pc.addTransceiver(ClipTrack([frame]), direction="sendrecv")
         self.pc.createDataChannel("control")
         self.received = 0
         self.reader: asyncio.Task[None] | None = None
-        self.pc.on("track", lambda track: setattr(self, "reader", asyncio.ensure_future(self.read(track))))
+        self.pc.on(
+            "track",
+            lambda track: setattr(self, "reader", asyncio.ensure_future(count_frames(track, self._count))),
+        )
 
-    async def read(self, track: Any) -> None:
-        try:
-            while True:
-                await track.recv()
-                self.received += 1
-        except MediaStreamError:
-            pass
+    def _count(self) -> None:
+        self.received += 1
 
     async def offer(self, http: aiohttp.ClientSession, url: str) -> tuple[int, float, float | None]:
         """(HTTP status, ms to the answer, the worker's ms of it) for this client's offer."""

@@ -24,11 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import av
 import numpy as np
 import torch
-from aiortc import RTCPeerConnection, RTCSessionDescription, VideoStreamTrack
-from aiortc.mediastreams import MediaStreamError
+from aiortc import RTCPeerConnection, RTCSessionDescription
 
 from benchmarks.common import (
     ArgumentParser,
@@ -38,25 +36,11 @@ from benchmarks.common import (
     latency_stats,
     usage_error,
 )
+from benchmarks.peers import ClipTrack, count_frames
 from stream.clips import window_pan
 
 TOKEN = "soak-token"
 PROGRAM = "benchmarks.soak"
-
-
-class Clip(VideoStreamTrack):
-    """A panning photo clip at 30 FPS, looped."""
-
-    def __init__(self, frames: list[np.ndarray]) -> None:
-        super().__init__()
-        self.frames, self.sent = frames, 0
-
-    async def recv(self) -> av.VideoFrame:
-        pts, time_base = await self.next_timestamp()
-        frame = av.VideoFrame.from_ndarray(self.frames[self.sent % len(self.frames)], format="rgb24")
-        frame.pts, frame.time_base = pts, time_base
-        self.sent += 1
-        return frame
 
 
 class Session:
@@ -64,7 +48,7 @@ class Session:
 
     def __init__(self, frames: list[np.ndarray]) -> None:
         self.pc = RTCPeerConnection()
-        self.pc.addTransceiver(Clip(frames), direction="sendrecv")
+        self.pc.addTransceiver(ClipTrack(frames), direction="sendrecv")
         self.pc.createDataChannel("control")
         self.pc.createDataChannel("telemetry")
         self.received = 0
@@ -73,15 +57,10 @@ class Session:
 
     def _on_track(self, track: Any) -> None:
         if track.kind == "video":
-            self.reader = asyncio.ensure_future(self._read(track))
+            self.reader = asyncio.ensure_future(count_frames(track, self._count))
 
-    async def _read(self, track: Any) -> None:
-        try:
-            while True:
-                await track.recv()
-                self.received += 1
-        except MediaStreamError:
-            pass
+    def _count(self) -> None:
+        self.received += 1
 
     async def connect(self, url: str) -> None:
         await self.pc.setLocalDescription(await self.pc.createOffer())
