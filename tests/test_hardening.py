@@ -436,7 +436,7 @@ class PromptDenoiser:
     def __init__(self, config: Any, seen: list[tuple[str, str]]) -> None:
         self.config, self.seen = config, seen
 
-    def process(self, frame: Any) -> Any:
+    def process(self, frame: Any, tag: object = None) -> Any:
         from stream.batch import FrameResult
 
         return FrameResult(frame.copy(), {"total": 1.0})

@@ -55,7 +55,7 @@ class SlowDenoiser:
 
     skipped = 0
 
-    def process(self, frame: np.ndarray) -> FrameResult:
+    def process(self, frame: np.ndarray, tag: object = None) -> FrameResult:
         start = time.perf_counter()
         time.sleep(0.2)
         return FrameResult(frame.copy(), {"total": (time.perf_counter() - start) * 1000})
@@ -420,7 +420,7 @@ class CostDenoiser:
     def __init__(self, config: StreamConfig) -> None:
         self.config = config
 
-    def process(self, frame: np.ndarray) -> FrameResult:
+    def process(self, frame: np.ndarray, tag: object = None) -> FrameResult:
         start = time.perf_counter()
         time.sleep(0.02 * self.config.steps)
         return FrameResult(frame.copy(), {"total": (time.perf_counter() - start) * 1000})

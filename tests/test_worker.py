@@ -156,7 +156,7 @@ class Failing:
 
     skipped = 0
 
-    def process(self, frame: np.ndarray) -> Any:
+    def process(self, frame: np.ndarray, tag: object = None) -> Any:
         raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     def update(self, config: StreamConfig) -> None:

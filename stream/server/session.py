@@ -44,7 +44,9 @@ class Denoiser(Protocol):
 
     skipped: int
 
-    def process(self, frame: np.ndarray) -> FrameResult: ...
+    def process(self, frame: np.ndarray, tag: object = None) -> FrameResult:
+        """The frame's result; `tag` (the input it came from) rides along to the result's `tag`."""
+        ...
 
     def update(self, config: StreamConfig) -> None: ...
 

@@ -227,10 +227,7 @@ class ModelWorker:
                 return
         for item in group:
             try:
-                if hasattr(item.denoiser, "batch_key"):  # a StreamDenoiser: the input rides with its frame
-                    item.result = item.denoiser.process(item.pixels, item.source)  # type: ignore[call-arg]
-                else:
-                    item.result = item.denoiser.process(item.pixels)
+                item.result = item.denoiser.process(item.pixels, item.source)  # the input rides along
             except Exception as exc:
                 item.result = exc
 
