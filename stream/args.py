@@ -17,6 +17,7 @@ from stream.config import (
     CFG_MODES,
     CONTROL_MODES,
     DTYPES,
+    FEEDBACK_AT,
     NOISE_MODES,
     SCHEDULERS,
     TIMESTEP_RULES,
@@ -201,6 +202,16 @@ def add_motion_arguments(group: argparse._ActionsContainer) -> None:
         metavar="on|off",
         help="warp the previous output along the input's optical flow before --latent-feedback blends it "
         "in (occluded pixels take the new frame) (default: on)",
+    )
+    group.add_argument(
+        "--feedback-at",
+        dest="feedback_at",
+        choices=FEEDBACK_AT,
+        default=defaults.feedback_at,
+        help="where --latent-feedback blends the previous output: `input`, into the new frame's latent "
+        "before it is noised; `steps`, into the model's estimate of the clean latent at every denoising "
+        "step, which also steadies the noise's flicker and follows the motion more closely (default: "
+        "%(default)s)",
     )
     group.add_argument(
         "--motion-strength",

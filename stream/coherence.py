@@ -5,7 +5,8 @@ glued to the screen while the content moves. Given the input's optical flow (str
 off the model thread while the batch is encoded), a stream's `Coherence`:
 
 - warps the previous output latent into the current frame before the feedback blend, occluded and
-  disoccluded pixels taking the current frame's latent (`feedback_warp`);
+  disoccluded pixels taking the current frame's latent (`feedback_warp`), whether the feedback is
+  blended into the input latent or into each denoising step's clean-latent estimate (`feedback_at`);
 - carries the stream's noise along the flow (`noise="warped"`): the noise is split into unit Gaussian
   sub-samples on the flow's finer grid (summing back to it exactly), those move by nearest-sample
   transport with fresh noise where the flow leaves holes, and each latent pixel is their block sum / k:
@@ -19,6 +20,9 @@ not move, so a still scene behaves exactly as without any of this.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -42,6 +46,25 @@ def follows_motion(config: StreamConfig) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class _Followed:
+    """What a flow thread made of a frame's motion for the model thread (CPU tensors)."""
+
+    flow: torch.Tensor  # (h, w, 2) in latent px
+    valid: torch.Tensor  # (h, w) the share of each latent pixel the flow can be trusted on
+    source: list[torch.Tensor] | None  # the warped noise's fine samples it moved, if it moved them
+    moved: tuple[list[torch.Tensor], torch.Tensor] | None  # those moved, and their sub-pixel offsets
+
+
+def _moving(motion: Motion) -> bool:
+    return not motion.still and not motion.cut
+
+
+def _noise_grid(motion: Motion) -> int:
+    """How many times finer than the latent warped noise moves: the finest that divides the flow's."""
+    return max(d for d in range(1, NOISE_GRID + 1) if motion.cell % d == 0)
+
+
 class Coherence:
     """A stream's flow tracker, its warped noise's sub-pixel offsets, its smoothed speed."""
 
@@ -56,14 +79,35 @@ class Coherence:
         self.speed: float | None = None  # smoothed, canvas px a frame
         self.motion: Motion | None = None  # the current frame's (None: the stream's first frame)
         self._flow: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._followed: _Followed | None = None
 
-    def submit(self, frame: np.ndarray, geometry: Geometry) -> None:
-        """Start the flow from the previous frame the model ran on to this one (on the flow threads)."""
-        self.tracker.submit(frame, geometry)
+    def submit(self, frame: np.ndarray, geometry: Geometry, generator: torch.Generator | None = None) -> None:
+        """Start the flow from the previous frame the model ran on to this one on the flow threads, and
+        there too the flow on the latent grid and, given the warped noise's `generator`, the noise
+        moved along it: all the model thread has left to do is to use them."""
+        fine = self.fine if generator is not None else None
+        self.tracker.submit(frame, geometry, partial(self._follow, fine, self.residual, generator))
+
+    def _follow(
+        self,
+        fine: list[torch.Tensor] | None,
+        residual: torch.Tensor,
+        generator: torch.Generator | None,
+        motion: Motion,
+    ) -> _Followed:
+        """On a flow thread: what the model thread needs of the motion, made ready."""
+        flow, valid = (torch.from_numpy(a) for a in motion.on_grid(1))
+        moved = None
+        if fine is not None and generator is not None and _moving(motion):
+            fine_flow, fine_valid = (torch.from_numpy(a) for a in motion.on_grid(_noise_grid(motion)))
+            moved = temporal.transport_noise(fine, residual, fine_flow, fine_valid, generator)
+        return _Followed(flow, valid, fine, moved)
 
     def wait(self) -> Motion | None:
         """This frame's motion (waits for the flow); a scene cut forgets the noise offsets and speed."""
         motion = self.motion = self.tracker.result()
+        followed = self.tracker.followed
+        self._followed = followed if isinstance(followed, _Followed) else None
         self._flow = None
         if motion is None:
             return None
@@ -77,32 +121,51 @@ class Coherence:
         return motion
 
     def moving(self) -> bool:
-        return self.motion is not None and not self.motion.still and not self.motion.cut
+        return self.motion is not None and _moving(self.motion)
 
     def blend(self, latent: torch.Tensor, previous: torch.Tensor | None, weight: float) -> torch.Tensor:
-        """Latent feedback along the motion; in place on a still frame."""
+        """Latent feedback into the input along the motion; in place on a still frame."""
         if not self.moving():
             return temporal.feedback_blend(latent, previous, weight)
+        return temporal.warped_feedback_blend(latent, previous, weight, *self._latent_flow())
+
+    def pull(
+        self, latent: torch.Tensor, previous: torch.Tensor | None, weight: float
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Latent feedback at the steps along the motion (temporal.feedback_pull); in place on a still
+        frame."""
+        if not self.moving():
+            return temporal.feedback_pull(latent, previous, weight)
+        return temporal.feedback_pull(latent, previous, weight, *self._latent_flow())
+
+    def _latent_flow(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This frame's flow (h, w, 2) in latent px and trusted share (h, w), on the device, made once."""
         assert self.motion is not None
         if self._flow is None:
-            self._flow = (
-                torch.from_numpy(self.motion.latent_flow()).to(self.device),  # (h, w, 2) latent px
-                torch.from_numpy(self.motion.latent_valid()).to(self.device),  # (h, w)
-            )
-        return temporal.warped_feedback_blend(latent, previous, weight, *self._flow)
+            if self._followed is None:
+                flow, valid = (torch.from_numpy(a) for a in self.motion.on_grid(1))
+            else:
+                flow, valid = self._followed.flow, self._followed.valid
+            self._flow = (flow.to(self.device), valid.to(self.device))
+        return self._flow
 
     def carry(self, noise: list[torch.Tensor], generator: torch.Generator) -> list[torch.Tensor]:
         """The stream's noise moved with the content; unchanged on a still frame."""
         if not self.moving():
             return noise
         assert self.motion is not None
-        cell = self.motion.cell
-        k = max(d for d in range(1, NOISE_GRID + 1) if cell % d == 0)  # the finest that divides the flow's
+        k = _noise_grid(self.motion)
+        ready = self._followed.moved if self._followed is not None else None
         if self.fine is None or self._carried is not noise[0]:  # new noise: split it on the fine grid
             self.fine = [temporal.upsample_noise(n.cpu().float(), k, generator) for n in noise]
             self.residual = torch.zeros(*self.fine[0].shape[-2:], 2)
-        flow, valid = (torch.from_numpy(a) for a in self.motion.on_grid(k))  # (h k, w k, 2), (h k, w k)
-        self.fine, self.residual = temporal.transport_noise(self.fine, self.residual, flow, valid, generator)
+            ready = None
+        elif self._followed is None or self._followed.source is not self.fine:
+            ready = None  # moved on the flow thread from other noise than this: move it here
+        if ready is None:
+            flow, valid = (torch.from_numpy(a) for a in self.motion.on_grid(k))  # (h k, w k, 2), (h k, w k)
+            ready = temporal.transport_noise(self.fine, self.residual, flow, valid, generator)
+        self.fine, self.residual = ready
         moved = [
             temporal.downsample_noise(f, k).to(n.device, n.dtype)
             for f, n in zip(self.fine, noise, strict=True)

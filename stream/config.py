@@ -9,6 +9,7 @@ from dataclasses import dataclass
 SCHEDULERS = ("ddim", "lcm")
 TIMESTEP_RULES = ("streaming", "diffusers")
 NOISE_MODES = ("fixed", "fresh", "warped")
+FEEDBACK_AT = ("input", "steps")  # where latent feedback is blended (see StreamConfig.feedback_at)
 ATTENTION_BACKENDS = ("sdpa", "xformers")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 CFG_MODES = ("full", "self", "once", "none")  # how guidance > 1 is computed (see StreamConfig.cfg_mode)
@@ -92,6 +93,9 @@ class StreamConfig:
     controlnet_conditioning_scale: float = 1.0  # how strongly the ControlNet steers, in [0, 5]
     # Temporal coherence that follows the motion (the input's optical flow: stream/flow.py, coherence.py)
     feedback_warp: bool = True  # latent feedback warps the previous output along the motion first
+    # `input`: the previous output is blended into the new frame's latent before it is noised; `steps`:
+    # into the model's estimate of the clean latent at every denoising step (it also steadies the noise)
+    feedback_at: str = "input"
     motion_strength: float = 0.0  # fast motion lowers strength by up to this share of it, [0, 1); 0 = off
 
     def __post_init__(self) -> None:
@@ -177,6 +181,7 @@ class StreamConfig:
         )
         # 4. following the motion
         _require(isinstance(self.feedback_warp, bool), "feedback_warp", self.feedback_warp, "true or false")
+        _choice("feedback_at", self.feedback_at, FEEDBACK_AT)
         _require(
             _is_real(self.motion_strength) and 0.0 <= self.motion_strength < 1.0,
             "motion_strength",

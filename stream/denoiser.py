@@ -46,6 +46,7 @@ _OUTPUT_SETTINGS = (
     "control",
     "controlnet_conditioning_scale",
     "feedback_warp",
+    "feedback_at",
     "motion_strength",
 )
 
@@ -208,8 +209,14 @@ class StreamDenoiser:
         motion = state.coherence.wait() if state.coherence is not None else None
         if motion is not None and motion.cut:  # a scene cut: start over instead of smearing the last scene
             state.prev_latent, state.noise = None, []
-        if state.coherence is not None and config.feedback_warp:
-            latent = state.coherence.blend(latent, state.prev_latent, config.latent_feedback)
+        pull = None
+        warp = state.coherence if config.feedback_warp else None
+        if config.feedback_at == "steps":  # the feedback moves each step's estimate, not the input
+            pull = (warp.pull if warp is not None else temporal.feedback_pull)(
+                latent, state.prev_latent, config.latent_feedback
+            )
+        elif warp is not None:
+            latent = warp.blend(latent, state.prev_latent, config.latent_feedback)
         else:
             latent = temporal.feedback_blend(latent, state.prev_latent, config.latent_feedback)
         job.noise = self._noise(latent, state)
@@ -220,7 +227,7 @@ class StreamDenoiser:
         plan = self.plan()  # after the strength: a new schedule makes a new plan
         job.x = schedule.add_noise(latent, job.noise[0], plan.schedule.alphas[0])
         job.frame = InFlight(
-            job.tag, plan, job.x, latent, job.noise, entered=job.timer.started, control=job.control
+            job.tag, plan, job.x, latent, job.noise, entered=job.timer.started, control=job.control, pull=pull
         )
         job.calls = 1 if config.stream_batch else plan.steps
 
@@ -398,7 +405,8 @@ class StreamDenoiser:
         if state.coherence is None:
             latent = (self.config.height // self.vae_factor, self.config.width // self.vae_factor)
             state.coherence = Coherence(latent, self.vae_factor, self.device)
-        state.coherence.submit(frame, state.geometry)
+        warped_noise = self.config.noise == "warped" and state.generator is not None
+        state.coherence.submit(frame, state.geometry, state.generator if warped_noise else None)
 
     def _use_strength(self, strength: float) -> None:
         if strength != self._strength:

@@ -16,7 +16,9 @@ is a scene cut; a frame where almost nothing moves is still.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -52,9 +54,12 @@ class Motion:
         if self.cell % k:
             raise ValueError(f"the flow's grid ({self.cell} per latent pixel) cannot be split in {k}")
         r = self.cell // k
+        if r == 1:
+            return self.flow, self.valid
         H, W = self.valid.shape
-        flow = self.flow.reshape(H // r, r, W // r, r, 2).mean(axis=(1, 3)) / r
-        return flow, self.valid.reshape(H // r, r, W // r, r).mean(axis=(1, 3))
+        size = (W // r, H // r)  # an area resize by a whole factor is the mean of each r x r block
+        flow = cv2.resize(self.flow, size, interpolation=cv2.INTER_AREA) / r
+        return flow, cv2.resize(self.valid, size, interpolation=cv2.INTER_AREA)
 
     def latent_flow(self) -> np.ndarray:
         """(h, w, 2) float32 in latent px: the mean flow of each latent pixel's block."""
@@ -91,17 +96,20 @@ def estimate_motion(dis: Any, previous: np.ndarray, current: np.ndarray, cell: i
     H, W = current.shape
     backward = dis.calc(current, previous, None)  # (H, W, 2): current pixel x came from x + backward
     forward = dis.calc(previous, current, None)
-    xs, ys = np.meshgrid(np.arange(W, dtype=np.float32), np.arange(H, dtype=np.float32))
-    map_x, map_y = xs + backward[..., 0], ys + backward[..., 1]
-    forward_there = cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    loop = np.sum((forward_there + backward) ** 2, axis=-1)  # 0 where the two flows agree
-    consistent = loop <= 0.01 * (np.sum(forward_there**2, axis=-1) + np.sum(backward**2, axis=-1)) + 0.5
+    xs, ys = _pixel_grid(H, W)
+    bx, by = cv2.split(backward)
+    map_x, map_y = xs + bx, ys + by
+    fx, fy = cv2.split(cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
+    loop = (fx + bx) ** 2 + (fy + by) ** 2  # 0 where the two flows agree
+    moved2 = bx * bx + by * by
+    consistent = loop <= 0.01 * (fx * fx + fy * fy + moved2) + 0.5
     inside = (map_x >= 0) & (map_x <= W - 1) & (map_y >= 0) & (map_y <= H - 1)
     came_from = cv2.remap(previous, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    matches = np.abs(current.astype(np.float32) - came_from.astype(np.float32)) <= PHOTO_TOLERANCE
-    valid = (consistent & inside).astype(np.float32)
-    followed = float((consistent & inside & matches).mean())  # the brightness check only decides a cut
-    magnitude = np.sqrt(np.sum(backward**2, axis=-1)) * scale  # canvas px
+    matches = cv2.absdiff(current, came_from) <= PHOTO_TOLERANCE
+    trusted = consistent & inside
+    valid = trusted.astype(np.float32)
+    followed = float((trusted & matches).mean())  # the brightness check only decides a cut
+    magnitude = np.sqrt(moved2) * scale  # canvas px
     return Motion(
         flow=backward,
         valid=valid,
@@ -110,6 +118,14 @@ def estimate_motion(dis: Any, previous: np.ndarray, current: np.ndarray, cell: i
         still=bool(np.count_nonzero(magnitude >= STILL_PX) < 0.01 * magnitude.size),
         cut=bool(followed < CUT_VALID),
     )
+
+
+@functools.lru_cache(maxsize=8)
+def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """(h, w) float32 x and y coordinates of each pixel (read only)."""
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    xs.flags.writeable = ys.flags.writeable = False
+    return xs, ys
 
 
 def _executor() -> ThreadPoolExecutor:
@@ -131,20 +147,32 @@ class FlowTracker:
         self.scale = vae_factor / self.cell  # canvas px per flow px
         self._dis: Any = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_ULTRAFAST)
         self._previous: np.ndarray | None = None
-        self._pending: Future[Motion] | None = None
+        self._pending: Future[tuple[Motion, object]] | None = None
+        self.followed: object = None  # what `then` made of the last result's motion
 
-    def submit(self, frame: np.ndarray, geometry: Geometry) -> None:
-        """Start the flow from the last submitted frame to this one (the first frame has none)."""
+    def submit(
+        self, frame: np.ndarray, geometry: Geometry, then: Callable[[Motion], object] | None = None
+    ) -> None:
+        """Start the flow from the last submitted frame to this one (the first frame has none), and
+        `then(motion)` after it on the same flow thread (work that needs only the motion)."""
         current = canvas_gray(frame, geometry, self.size)
         previous, self._previous = self._previous, current
         if previous is None:
             self._pending = None
             return
-        self._pending = _executor().submit(
-            estimate_motion, self._dis, previous, current, self.cell, self.scale
-        )
+        self._pending = _executor().submit(self._run, previous, current, then)
+
+    def _run(
+        self, previous: np.ndarray, current: np.ndarray, then: Callable[[Motion], object] | None
+    ) -> tuple[Motion, object]:
+        motion = estimate_motion(self._dis, previous, current, self.cell, self.scale)
+        return motion, None if then is None else then(motion)
 
     def result(self) -> Motion | None:
         """The flow of the last submitted frame (None for a stream's first frame); waits for it."""
         pending, self._pending = self._pending, None
-        return None if pending is None else pending.result()
+        if pending is None:
+            self.followed = None
+            return None
+        motion, self.followed = pending.result()
+        return motion

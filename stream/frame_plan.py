@@ -26,6 +26,8 @@ from stream.models import sdxl
 # A UNet call's rows: x, t, embeds, timestep_cond, extra (per-row added conditioning: SDXL's pooled
 # embeddings and time ids, the ControlNet's image and scale)
 Rows = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]
+# Latent feedback at the steps: (target (1, C, h, w), weight (1, 1, h, w) in [0, 1)), see `step`
+Pull = tuple[torch.Tensor, torch.Tensor]
 MODES = ("full", "self", "once", "off")  # the mode a plan runs: `off` is no guidance at all
 
 
@@ -102,12 +104,15 @@ def step(
     noise: list[torch.Tensor],
     i: int,
     out: torch.Tensor,
+    pull: Pull | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Step i of a frame from its rows of the UNet output `out`.
 
     `reference` is residual CFG's x_0 (the input latent; `once` replaces it with the negative x_0 at
-    step 0); `noise` is [initial, LCM's step noises...]. Returns (x at the next timestep, the reference
-    for the next step, the final latent after the last step or None).
+    step 0); `noise` is [initial, LCM's step noises...]; `pull` = (target, weight): latent feedback at
+    the steps, the step's clean-latent estimate moved by `weight` (a map) toward `target` before the
+    next sample is made from it. Returns (x at the next timestep, the reference for the next step, the
+    final latent after the last step or None).
     """
     sched = plan.schedule
     alpha = sched.alphas[i]
@@ -131,6 +136,16 @@ def step(
             x, out, alpha, sched.alphas_prev[i], sched.c_skip[i], sched.c_out[i], step_noise, pred_type,
             plan.clip_sample,
         )  # fmt: skip
-        return x, reference, denoised if last else None  # LCM's result is its denoised sample
-    x, _ = schedule.ddim_step(x, out, alpha, sched.alphas_prev[i], pred_type, plan.clip_sample)
+        if pull is not None:  # x is linear in the denoised sample: sqrt(a_prev) of it, all of it at the end
+            x = x + (1.0 if last else sched.alphas_prev[i].sqrt()) * _pulled(denoised, pull)
+        return x, reference, x if last else None  # LCM's result is its denoised sample
+    x, x0 = schedule.ddim_step(x, out, alpha, sched.alphas_prev[i], pred_type, plan.clip_sample)
+    if pull is not None:  # x = sqrt(a_prev) x_0 + sqrt(1 - a_prev) eps
+        x = x + sched.alphas_prev[i].sqrt() * _pulled(x0, pull)
     return x, reference, x if last else None  # DDIM's last step lands on x_0 (t_prev < 0)
+
+
+def _pulled(x0: torch.Tensor, pull: Pull) -> torch.Tensor:
+    """How far latent feedback at the steps moves the clean-latent estimate: weight (target - x_0)."""
+    target, weight = pull
+    return weight * (target.to(x0.dtype) - x0)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from stream import frame_plan
-from stream.frame_plan import Plan, Rows
+from stream.frame_plan import Plan, Pull, Rows
 
 
 @dataclass
@@ -41,6 +41,7 @@ class InFlight:
     step: int = 0  # steps done
     result: torch.Tensor | None = None  # (1, C, h, w) the final latent, once the last step is done
     control: torch.Tensor | None = None  # (1, 3, H, W) the frame's ControlNet conditioning image
+    pull: Pull | None = None  # latent feedback at the steps: (target, weight), see frame_plan.step
 
     def rows(self) -> Rows:
         return frame_plan.unet_rows(self.plan, self.x, self.step, self.control)
@@ -50,7 +51,7 @@ class InFlight:
 
     def advanced(self, out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """(x, reference, result) after this frame's step from its rows `out` of the UNet output."""
-        return frame_plan.step(self.plan, self.x, self.reference, self.noise, self.step, out)
+        return frame_plan.step(self.plan, self.x, self.reference, self.noise, self.step, out, self.pull)
 
     def commit(self, advanced: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]) -> None:
         self.x, self.reference, self.result = advanced

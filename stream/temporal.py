@@ -72,6 +72,26 @@ def warped_feedback_blend(
     return latent + w * (moved - latent)
 
 
+def feedback_pull(
+    latent: torch.Tensor,
+    previous: torch.Tensor | None,
+    weight: float,
+    flow: torch.Tensor | None = None,
+    valid: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Latent feedback at the steps (frame_plan.step): the target each step's clean-latent estimate is
+    moved toward, the previous output latent (warped along `flow` when given), and the weight map
+    (1, 1, h, w): `weight`, times `valid` when given, so that occluded pixels keep the model's own
+    estimate (in the spirit of Rerender-A-Video's cross-frame latent fusion, Yang et al. 2023).
+    None when there is nothing to pull toward. Shapes as in `warped_feedback_blend`."""
+    if previous is None or weight <= 0.0 or previous.shape != latent.shape:
+        return None
+    target = previous.to(latent.dtype) if flow is None else warp(previous.to(latent.dtype), flow)
+    if valid is None:
+        return target, torch.full((1, 1, 1, 1), weight, device=latent.device, dtype=latent.dtype)
+    return target, (weight * valid.to(latent.device, latent.dtype))[None, None]
+
+
 def transport_noise(
     noise: list[torch.Tensor],
     residual: torch.Tensor,
