@@ -44,11 +44,9 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from benchmarks.common import (
@@ -65,71 +63,12 @@ from benchmarks.common import (
     usage_error,
 )
 from benchmarks.temporal_figures import LABELS, STILL, plot, save_strip
+from benchmarks.temporal_measures import frame_changes, input_warps, mean_of, warp_errors
 
 PROG = "temporal"
 MODULE = "benchmarks.temporal"
 MOVING = ("pan", "zoom", "object")
 SETTINGS = ("no_feedback", "in_place", "warped_feedback", "warped_noise", "both")
-
-
-@dataclass(frozen=True)
-class Warp:
-    """How frame t-1 maps into frame t: remap coordinates and the pixels where that can be trusted."""
-
-    map_x: np.ndarray  # (H, W) float32, x + backward flow
-    map_y: np.ndarray  # (H, W) float32
-    valid: np.ndarray  # (H, W) bool: consistent forward/backward flow, source inside the frame
-
-
-# ---------------------------------------------------------------------- measures
-def input_warps(frames: Sequence[np.ndarray]) -> list[Warp]:
-    """DIS optical flow between consecutive input frames, as warps of frame t-1 into frame t."""
-    dis = cv2.DISOpticalFlow.create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM)  # = DISOpticalFlow_create
-    gray = [cv2.cvtColor(f, cv2.COLOR_RGB2GRAY) for f in frames]
-    return [warp_between(dis, gray[t - 1], gray[t]) for t in range(1, len(gray))]
-
-
-def warp_between(dis: Any, previous: np.ndarray, current: np.ndarray) -> Warp:
-    """Backward flow current -> previous with the forward-backward occlusion test (Sundaram et al. 2010)."""
-    h, w = current.shape
-    backward = dis.calc(current, previous, None)  # (H, W, 2): current(x) ~ previous(x + backward(x))
-    forward = dis.calc(previous, current, None)  # (H, W, 2): previous(y) ~ current(y + forward(y))
-    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
-    map_x, map_y = xs + backward[..., 0], ys + backward[..., 1]
-    forward_there = cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
-    loop = np.sum((forward_there + backward) ** 2, axis=-1)  # 0 where the two flows agree
-    scale = np.sum(forward_there**2, axis=-1) + np.sum(backward**2, axis=-1)
-    consistent = loop <= 0.01 * scale + 0.5
-    inside = (map_x >= 0) & (map_x <= w - 1) & (map_y >= 0) & (map_y <= h - 1)
-    return Warp(map_x, map_y, consistent & inside)
-
-
-def warp_errors(frames: Sequence[np.ndarray], warps: Sequence[Warp]) -> list[float]:
-    """Per pair: mean |frame_t - frame_t-1 warped into t| over valid pixels, on 0-255 (nan if none)."""
-    errors = []
-    for t, warp in enumerate(warps, start=1):
-        warped = cv2.remap(
-            frames[t - 1].astype(np.float32),
-            warp.map_x,
-            warp.map_y,
-            cv2.INTER_LINEAR,
-            borderMode=cv2.BORDER_REPLICATE,
-        )
-        diff = np.abs(frames[t].astype(np.float32) - warped)[warp.valid]  # (N, 3)
-        errors.append(float(diff.mean()) if diff.size else float("nan"))
-    return errors
-
-
-def frame_changes(frames: Sequence[np.ndarray]) -> list[float]:
-    """Per pair: mean |frame_t - frame_t-1| on 0-255."""
-    return [
-        float(np.abs(b.astype(np.float32) - a.astype(np.float32)).mean())
-        for a, b in zip(frames, frames[1:], strict=False)
-    ]
-
-
-def _mean(values: Sequence[float]) -> float:
-    return float(np.nanmean(values)) if len(values) else float("nan")
 
 
 def setting_changes(setting: str, feedback: float, motion_strength: float = 0.0) -> dict[str, Any]:
@@ -329,11 +268,11 @@ def build_report(
     clips = {}
     for name, measures in curves.items():
         entry = {
-            measure: {k: r(_mean(v)) for k, v in measures[measure].items()}
+            measure: {k: r(mean_of(v)) for k, v in measures[measure].items()}
             for measure in ("warp_error", "change")
         }
         if "masked" in measures:
-            entry["masked_fraction"] = r(_mean(measures["masked"]["input"]))
+            entry["masked_fraction"] = r(mean_of(measures["masked"]["input"]))
         clips[name] = entry
     p50 = {s: float(np.percentile(times[s], 50)) for s in args.settings}
     timing = {
