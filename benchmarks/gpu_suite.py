@@ -18,6 +18,9 @@ and the suite goes on):
 - streamdiffusion: StreamDiffusion 0.1.1 itself in a subprocess (benchmarks/gpu/streamdiffusion_run.py);
 - features: Stream Batch and residual CFG on sd-turbo B (CUDA graphs): FPS, p50/p95 of a call and UNet
   calls per frame of each (Stream Batch's output comes steps-1 frames after its input);
+- temporal: following the motion on sd-turbo B: warp error and change on a 4 px/frame pan, a zoom and a
+  still clip, and the time a frame, for no feedback, feedback in place, warped feedback and noise, and
+  the same at the denoising steps (benchmarks/temporal.py's measures);
 - compile: torch.compile (default) + CUDA graphs on A, with its compile time (CUDA only);
 - pytest_slow: the GPU-marked tests (`pytest -m slow`), SDXL-Turbo and SD-Turbo + ControlNet among them.
 Writes gpu_suite.json and gpu_suite.txt (the table) to --out, prints the table, then one JSON line.
@@ -37,6 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from benchmarks.common import command_line, photo_clip
@@ -52,11 +56,12 @@ BUDGETS = {
     "pipeline:sd-turbo": 75.0,
     "sessions": 70.0,
     "diffusers": 40.0,
-    "streamdiffusion": 80.0,
-    "pipeline:sd15": 60.0,
+    "streamdiffusion": 70.0,
+    "pipeline:sd15": 50.0,
     "features": 30.0,
+    "temporal": 30.0,
     "compile": 55.0,
-    "pytest_slow": 60.0,
+    "pytest_slow": 50.0,
 }
 MODELS = {"sd-turbo": ("random:sd-turbo", "tiny"), "sd15": ("random:sd15", "auto")}  # model, vae
 SLOW_TESTS = [
@@ -65,6 +70,8 @@ SLOW_TESTS = [
     "tests/test_frame_path.py",
     "tests/test_gpu_adapters.py",
 ]
+# the temporal part's settings (benchmarks/temporal.py's)
+TEMPORAL = ("no_feedback", "in_place", "both", "both_steps")
 # the features part's variants of B: StreamConfig changes
 FEATURES = {
     "cfg full": {},
@@ -132,6 +139,7 @@ class Suite:
             "streamdiffusion": self.streamdiffusion,
             "pipeline:sd15": lambda d: self.pipeline("sd15", d),
             "features": self.features,
+            "temporal": self.temporal,
             "compile": self.compile,
             "pytest_slow": self.pytest_slow,
         }
@@ -278,6 +286,31 @@ class Suite:
             runs[name] = {**run["summary"], "unet_calls_per_frame": per_frame, "note": note}
             del engine
         return {"model": self._config("sd-turbo", mode).model, "mode": mode.name, "variants": runs}
+
+    def temporal(self, deadline: measure.Deadline) -> dict[str, Any]:
+        """Following the motion on sd-turbo B, eager, the settings interleaved frame by frame."""
+        from benchmarks import temporal as bench
+        from stream.denoiser import StreamDenoiser
+
+        components = self._load("sd-turbo")
+        mode = measure.MODES[1]
+        frames = 4 if self.quick else 24
+        size = (self.size, self.size)
+        clips = {kind: photo_clip(kind, frames, size, step=4) for kind in ("pan", "zoom")}
+        clips[bench.STILL] = photo_clip("static", frames, size)
+        denoisers = {
+            s: StreamDenoiser(components, self._config("sd-turbo", mode, **bench.setting_changes(s, 0.5)))
+            for s in TEMPORAL
+        }
+        curves, times, _ = bench.measure_clips(denoisers, clips, 1 if self.quick else 3)
+        result: dict[str, Any] = {"model": self._config("sd-turbo", mode).model, "mode": mode.name}
+        for name, measures in curves.items():
+            kept = ("change",) if name == bench.STILL else ("warp_error", "change")
+            result[name] = {m: {k: round(bench.mean_of(v), 3) for k, v in measures[m].items()} for m in kept}
+        none = float(np.percentile(times["no_feedback"], 50))
+        result["p50_ms"] = {s: round(float(np.percentile(t, 50)), 2) for s, t in times.items()}
+        result["added_pct"] = {s: round(100.0 * (result["p50_ms"][s] / none - 1.0), 1) for s in times}
+        return result
 
     def compile(self, deadline: measure.Deadline) -> dict[str, Any]:
         if not self.cuda:

@@ -1,7 +1,7 @@
 """Temporal coherence of StreamDenoiser's output: latent feedback in place, along the motion, and noise
 that moves with the content, on moving clips cut from real photos (or any video file).
 
-Five settings of the same model run frame by frame side by side (interleaved, so that they share the
+Seven settings of the same model run frame by frame side by side (interleaved, so that they share the
 machine's state and their timings compare):
 
 - no_feedback: latent feedback 0, fixed noise (StreamConfig's defaults);
@@ -10,8 +10,11 @@ machine's state and their timings compare):
   pixels take the new frame), fixed noise;
 - warped_noise: no feedback; the stream's noise moves with the content (`--noise warped`);
 - both: warped feedback and warped noise;
-- with `--motion-strength S` (> 0), also both_motion: both, and strength lowered by up to S of it when
-  the input moves fast.
+- steps: the warped previous output pulled into each denoising step's clean-latent estimate instead
+  (`--feedback-at steps`), fixed noise;
+- both_steps: feedback at the steps and warped noise;
+- with `--motion-strength S` (> 0), also both_motion: both_steps, and strength lowered by up to S of it
+  when the input moves fast.
 
 Clips (`--clips`, any of pan, zoom, object; `--clip FILE` adds a video file): a window panning right by
 `--pan-step` px a frame; a zoom on the photo's centre; a second photo's crop moving over a still photo.
@@ -26,12 +29,17 @@ Measures, per clip and setting, L1 on 0-255, averaged over the clip:
   over the RGB values of the other pixels. The same error of the input itself is the floor. (This
   measuring flow is independent of the stream's own, cheaper flow.)
 - change: mean |output_t - output_t-1|, what a viewer sees as flicker on the still clip.
+- contrast: mean |value - the frame's mean colour|. Blending outputs whose details do not line up
+  dulls them, and a duller output has a lower warp error and change by itself (a grey one is perfectly
+  steady): `warp/contrast` is the warp error in units of the output's own contrast.
 - time: wall-clock ms a frame (p50, p95) per setting over all clips, and the time each adds to
   no_feedback's p50.
 
 Lower is steadier; steadier is not better by itself (an output that ignores the input is perfectly
-steady). `--strip FILE.png` saves frames of the first moving clip side by side: input, no feedback,
-feedback in place, both. Prints a table, then one JSON object as the last line. Example:
+steady). The table ends with the targets: with warped feedback and noise, warp error <= 0.85x of no
+feedback on pan and zoom, the still clip's change <= 0.5x, <= 15 % added time a frame.
+`--strip FILE.png` saves frames of the first moving clip side by side: input, no feedback, feedback in
+place, both, both_steps. Prints a table, then one JSON object as the last line. Example:
 
     python -m benchmarks.temporal --model tiny --width 256 --height 256 --frames 48 --strip strip.png
 """
@@ -63,12 +71,20 @@ from benchmarks.common import (
     usage_error,
 )
 from benchmarks.temporal_figures import LABELS, STILL, plot, save_strip
-from benchmarks.temporal_measures import frame_changes, input_warps, mean_of, warp_errors
+from benchmarks.temporal_measures import contrasts, frame_changes, input_warps, mean_of, warp_errors
 
 PROG = "temporal"
 MODULE = "benchmarks.temporal"
 MOVING = ("pan", "zoom", "object")
-SETTINGS = ("no_feedback", "in_place", "warped_feedback", "warped_noise", "both")
+SETTINGS = ("no_feedback", "in_place", "warped_feedback", "warped_noise", "both", "steps", "both_steps")
+WARPED = ("both", "both_steps")  # the settings with warped feedback and noise, held to the targets
+TARGETS = {"warp_error": 0.85, "still_change": 0.5, "added_pct": 15.0}  # of no_feedback
+MEASURES = {
+    "warp_error": "warp error",
+    "change": "change",
+    "contrast": "contrast",
+    "warp_per_contrast": "warp/contrast",
+}
 
 
 def setting_changes(setting: str, feedback: float, motion_strength: float = 0.0) -> dict[str, Any]:
@@ -79,9 +95,22 @@ def setting_changes(setting: str, feedback: float, motion_strength: float = 0.0)
         "warped_feedback": {"latent_feedback": feedback, "feedback_warp": True, "noise": "fixed"},
         "warped_noise": {"latent_feedback": 0.0, "noise": "warped"},
         "both": {"latent_feedback": feedback, "feedback_warp": True, "noise": "warped"},
+        "steps": {
+            "latent_feedback": feedback,
+            "feedback_warp": True,
+            "feedback_at": "steps",
+            "noise": "fixed",
+        },
+        "both_steps": {
+            "latent_feedback": feedback,
+            "feedback_warp": True,
+            "feedback_at": "steps",
+            "noise": "warped",
+        },
         "both_motion": {
             "latent_feedback": feedback,
             "feedback_warp": True,
+            "feedback_at": "steps",
             "noise": "warped",
             "motion_strength": motion_strength,
         },
@@ -119,7 +148,7 @@ def build_parser() -> ArgumentParser:
         "--motion-strength",
         type=float,
         default=0.0,
-        help="also run both_motion: both, with this --motion-strength, in (0, 1) (default 0: not run)",
+        help="also run both_motion: both_steps, with this --motion-strength, in (0, 1) (default 0: not run)",
     )
     parser.add_argument(
         "--strip", metavar="FILE.png", help="save frames of the first moving clip side by side, per setting"
@@ -143,23 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
 
-    for d in denoisers.values():
-        for frame in clips[STILL][: args.warmup]:
-            d(frame)
-    times: dict[str, list[float]] = {s: [] for s in args.settings}
-    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
-    strip: dict[str, list[np.ndarray]] = {}
-    for name, frames in clips.items():
-        outputs = run_clip(denoisers, frames, times)
-        warps = input_warps(frames)
-        curves[name] = {
-            "warp_error": {k: warp_errors(v, warps) for k, v in {"input": frames, **outputs}.items()},
-            "change": {k: frame_changes(v) for k, v in {"input": frames, **outputs}.items()},
-        }
-        if not strip and name != STILL:
-            strip = {"input": frames, **outputs}
-        if name != STILL:
-            curves[name]["masked"] = {"input": [1.0 - float(w.valid.mean()) for w in warps]}
+    curves, times, strip = measure_clips(denoisers, clips, args.warmup)
     first = next(iter(denoisers.values()))
     report = build_report(first, args, curves, times, command_line(MODULE, argv))
     print_table(report)
@@ -236,6 +249,33 @@ def load(config: Any, args: argparse.Namespace) -> dict[str, Any]:
         raise UsageError(str(exc)) from exc
 
 
+def measure_clips(
+    denoisers: dict[str, Any], clips: dict[str, list[np.ndarray]], warmup: int
+) -> tuple[dict[str, dict[str, dict[str, list[float]]]], dict[str, list[float]], dict[str, list[np.ndarray]]]:
+    """Every setting on every clip (after `warmup` frames of the still clip): per clip, the warp error
+    and change curves of the input and each setting (and, on moving clips, the share of pixels the
+    measuring flow masks); each setting's times a frame; the first moving clip's frames, for a strip."""
+    for d in denoisers.values():
+        for frame in clips[STILL][:warmup]:
+            d(frame)
+    times: dict[str, list[float]] = {s: [] for s in denoisers}
+    curves: dict[str, dict[str, dict[str, list[float]]]] = {}
+    strip: dict[str, list[np.ndarray]] = {}
+    for name, frames in clips.items():
+        outputs = run_clip(denoisers, frames, times)
+        warps = input_warps(frames)
+        curves[name] = {
+            "warp_error": {k: warp_errors(v, warps) for k, v in {"input": frames, **outputs}.items()},
+            "change": {k: frame_changes(v) for k, v in {"input": frames, **outputs}.items()},
+            "contrast": {k: contrasts(v) for k, v in {"input": frames, **outputs}.items()},
+        }
+        if not strip and name != STILL:
+            strip = {"input": frames, **outputs}
+        if name != STILL:
+            curves[name]["masked"] = {"input": [1.0 - float(w.valid.mean()) for w in warps]}
+    return curves, times, strip
+
+
 def run_clip(
     denoisers: dict[str, Any], frames: Sequence[np.ndarray], times: dict[str, list[float]]
 ) -> dict[str, list[np.ndarray]]:
@@ -269,8 +309,12 @@ def build_report(
     for name, measures in curves.items():
         entry = {
             measure: {k: r(mean_of(v)) for k, v in measures[measure].items()}
-            for measure in ("warp_error", "change")
+            for measure in ("warp_error", "change", "contrast")
         }
+        if name != STILL:
+            entry["warp_per_contrast"] = {
+                k: r(entry["warp_error"][k] / c) if c else float("nan") for k, c in entry["contrast"].items()
+            }
         if "masked" in measures:
             entry["masked_fraction"] = r(mean_of(measures["masked"]["input"]))
         clips[name] = entry
@@ -311,13 +355,47 @@ def build_report(
         "motion_strength": args.motion_strength,
         "settings": {s: setting_changes(s, args.feedback, args.motion_strength) for s in args.settings},
         "clips": clips,
-        "warp_error_ratio_both": {
-            n: r(clips[n]["warp_error"]["both"] / clips[n]["warp_error"]["no_feedback"]) for n in moving
+        "ratios": {
+            s: {
+                "warp_error": {
+                    n: r(clips[n]["warp_error"][s] / clips[n]["warp_error"]["no_feedback"]) for n in moving
+                },
+                "still_change": r(clips[STILL]["change"][s] / clips[STILL]["change"]["no_feedback"]),
+            }
+            for s in WARPED
         },
-        "still_change_ratio_both": r(clips[STILL]["change"]["both"] / clips[STILL]["change"]["no_feedback"]),
+        "targets": targets(clips, timing),
         "time": timing,
         "command": command,
     }
+
+
+def targets(clips: dict[str, Any], timing: dict[str, Any]) -> dict[str, Any]:
+    """Each of WARPED against the targets (TARGETS, as shares of no_feedback): per setting, each
+    check's value and whether it is met. The warp error is held on the pan and zoom clips when run, as
+    it is and in units of the output's contrast (so that dulling the output does not count)."""
+    out: dict[str, Any] = {}
+    for s in WARPED:
+        checks = {}
+        for n in ("pan", "zoom"):
+            if n in clips:
+                checks[f"warp_error_{n}"] = clips[n]["warp_error"][s] / clips[n]["warp_error"]["no_feedback"]
+                per = clips[n]["warp_per_contrast"]
+                checks[f"warp_per_contrast_{n}"] = per[s] / per["no_feedback"]
+        checks["still_change"] = clips[STILL]["change"][s] / clips[STILL]["change"]["no_feedback"]
+        limits = {
+            k: TARGETS["warp_error"] if k.startswith("warp") else TARGETS["still_change"] for k in checks
+        }
+        out[s] = {
+            k: {"value": round(v, 4), "target": limits[k], "met": v <= limits[k]} for k, v in checks.items()
+        }
+        added = timing[s]["added_pct"]
+        out[s]["added_pct"] = {
+            "value": added,
+            "target": TARGETS["added_pct"],
+            "met": added <= TARGETS["added_pct"],
+        }
+    return out
 
 
 # ---------------------------------------------------------------------- output
@@ -332,20 +410,26 @@ def print_table(r: dict[str, Any]) -> None:
     )
     print("L1 on 0-255, lower = steadier; warp error along the input's own optical flow")
     print()
-    header = f"{'clip':<18}{'measure':<12}" + "".join(f"{LABELS[k]:>14}" for k in ("input", *settings))
-    header += f"{'both/none':>11}"
+    header = f"{'clip':<14}{'measure':<14}" + "".join(f"{LABELS[k]:>14}" for k in ("input", *settings))
+    header += "".join(f"{LABELS[s] + '/none':>18}" for s in WARPED)
     print(header)
     print("-" * len(header))
     for name, entry in r["clips"].items():
-        measures = ("change",) if name == STILL else ("warp_error", "change")
+        measures = (
+            ("change", "contrast")
+            if name == STILL
+            else ("warp_error", "change", "contrast", "warp_per_contrast")
+        )
         for measure in measures:
             values = entry[measure]
-            ratio = values["both"] / values["no_feedback"] if values["no_feedback"] else float("nan")
+            ratios = [
+                values[s] / values["no_feedback"] if values["no_feedback"] else float("nan") for s in WARPED
+            ]
             label = name if measure == measures[0] else ""
             print(
-                f"{label:<18}{measure.replace('_', ' '):<12}"
+                f"{label:<14}{MEASURES[measure]:<14}"
                 + "".join(f"{values[k]:>14.2f}" for k in ("input", *settings))
-                + f"{ratio:>10.2f}x"
+                + "".join(f"{ratio:>17.2f}x" for ratio in ratios)
             )
     print()
     t = r["time"]
@@ -353,6 +437,19 @@ def print_table(r: dict[str, Any]) -> None:
     print(f"{'p50 ms':<30}" + "".join(f"{t[s]['p50_ms']:>14.1f}" for s in settings))
     print(f"{'p95 ms':<30}" + "".join(f"{t[s]['p95_ms']:>14.1f}" for s in settings))
     print(f"{'added to no feedback (p50)':<30}" + "".join(f"{t[s]['added_pct']:>13.1f}%" for s in settings))
+    print()
+    print(
+        "targets (of no feedback): warp error <= 0.85x on pan and zoom (as it is, and per contrast), "
+        "still change <= 0.5x, time <= +15 %"
+    )
+    for s, checks in r["targets"].items():
+        parts = [
+            f"{'time' if k == 'added_pct' else k.replace('_', ' ')} "
+            f"{format(c['value'], '+.1f') + '%' if k == 'added_pct' else format(c['value'], '.2f') + 'x'} "
+            f"{'met' if c['met'] else 'MISSED'}"
+            for k, c in checks.items()
+        ]
+        print(f"  {LABELS[s]:<14}" + "; ".join(parts))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """benchmarks/temporal.py's measures: the warp error of consecutive frames along the input's own optical
-flow (DIS, medium preset, with the forward-backward occlusion test) and the change between them."""
+flow (DIS, medium preset, with the forward-backward occlusion test), the change between them, and each
+frame's contrast."""
 
 from __future__ import annotations
 
@@ -65,6 +66,17 @@ def frame_changes(frames: Sequence[np.ndarray]) -> list[float]:
         float(np.abs(b.astype(np.float32) - a.astype(np.float32)).mean())
         for a, b in zip(frames, frames[1:], strict=False)
     ]
+
+
+def contrasts(frames: Sequence[np.ndarray]) -> list[float]:
+    """Per frame: mean |value - the frame's mean colour| on 0-255. Blending frames whose details do not
+    line up dulls them, which lowers the warp error and the change by itself (a grey output is
+    perfectly steady): the warp error is read against this."""
+    out = []
+    for f in frames:
+        values = f.astype(np.float32)
+        out.append(float(np.abs(values - values.mean(axis=(0, 1))).mean()))
+    return out
 
 
 def mean_of(values: Sequence[float]) -> float:

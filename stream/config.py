@@ -41,6 +41,10 @@ LIVE_SETTINGS = (
     "height",
     "lora_scale",  # the LoRAs are fused into the model every session shares: a change applies to all
     "controlnet_conditioning_scale",
+    "feedback_warp",  # following the motion: from the next frame (the flow starts when first needed)
+    "feedback_at",
+    "noise",
+    "motion_strength",
 )
 CONTROL_MODES = ("canny", "none")  # how a ControlNet's conditioning image is made from each frame
 

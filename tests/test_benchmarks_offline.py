@@ -168,20 +168,34 @@ def test_temporal_quick_run(tiny_model_dir: Path, tmp_path: Path, capsys: pytest
     for key in ("model", "device", "torch", "diffusers", "cpu", "clips", "time", "settings", "seed"):
         assert key in report
     assert report["feedback"] == 0.6 and list(report["clips"]) == ["pan", "object", "still"]
-    settings = ["no_feedback", "in_place", "warped_feedback", "warped_noise", "both"]
+    settings = ["no_feedback", "in_place", "warped_feedback", "warped_noise", "both", "steps", "both_steps"]
     assert list(report["settings"]) == settings and list(report["time"]) == settings
     assert report["settings"]["in_place"]["feedback_warp"] is False
     assert report["settings"]["both"] == {"latent_feedback": 0.6, "feedback_warp": True, "noise": "warped"}
+    assert report["settings"]["both_steps"]["feedback_at"] == "steps"
     for name, clip in report["clips"].items():
-        for measure in ("warp_error", "change"):
+        for measure in ("warp_error", "change", "contrast"):
             assert set(clip[measure]) == {"input", *settings}
             assert all(math.isfinite(v) and v >= 0 for v in clip[measure].values()), (name, clip)
+        assert all(v > 5 for v in clip["contrast"].values())  # a photo and the model's outputs: not flat
+    pan = report["clips"]["pan"]
+    assert pan["warp_per_contrast"]["both"] == pytest.approx(
+        pan["warp_error"]["both"] / pan["contrast"]["both"], abs=1e-3
+    )
+    # the targets: each held setting, each check with its value, limit and verdict
+    checks = report["targets"]["both_steps"]
+    assert set(checks) == {"warp_error_pan", "warp_per_contrast_pan", "still_change", "added_pct"}
+    assert checks["warp_error_pan"]["met"] == (checks["warp_error_pan"]["value"] <= 0.85)
+    assert report["ratios"]["both"]["warp_error"]["pan"] == pytest.approx(
+        pan["warp_error"]["both"] / pan["warp_error"]["no_feedback"], abs=1e-3
+    )
     assert 0 <= report["clips"]["pan"]["masked_fraction"] < 0.5
     assert 1.0 < report["clips"]["still"]["change"]["input"] < 3.5  # the camera noise (sigma 2)
     assert report["clips"]["pan"]["warp_error"]["input"] < 5.0  # the flow explains the panned input
     # A still scene: warped noise does not move, so it is exactly fixed noise.
     still = report["clips"]["still"]["change"]
     assert still["warped_noise"] == still["no_feedback"] and still["both"] == still["warped_feedback"]
+    assert still["both_steps"] == still["steps"]
     assert (
         all(t["p50_ms"] > 0 for t in report["time"].values())
         and report["time"]["no_feedback"]["added_pct"] == 0

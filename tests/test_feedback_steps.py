@@ -26,7 +26,7 @@ def tiny_config(size: int = SIZE, **changes: object) -> StreamConfig:
 
 def steps_reference(denoiser: StreamDenoiser, clip: list[np.ndarray]) -> list[np.ndarray]:
     """Feedback at the steps in place (no flow), fixed noise, written out over the engine's calls: each
-    DDIM step's x_0 moved toward the previous output latent by the feedback weight."""
+    DDIM step's x_0 moved toward the previous output latent by the feedback weight, its spread kept."""
     engine, sched, weight = denoiser.engine, denoiser._schedule, denoiser.config.latent_feedback
     geometry = letterbox_geometry(clip[0].shape[:2], (SIZE, SIZE))
     noise = torch.randn((1, 4, SIZE // 16, SIZE // 16), generator=torch.Generator().manual_seed(3))
@@ -41,7 +41,12 @@ def steps_reference(denoiser: StreamDenoiser, clip: list[np.ndarray]) -> list[np
                 alpha_prev = sched.alphas_prev[i]
                 x, x0 = schedule.ddim_step(x, out, sched.alphas[i], alpha_prev, "epsilon", None)
                 if previous is not None:  # x = sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, with x0 moved
-                    x = x + alpha_prev.sqrt() * (weight * (previous - x0))
+                    pulled = x0 + weight * (previous - x0)
+                    mean = pulled.mean(dim=(2, 3), keepdim=True)
+                    pulled = mean + (pulled - mean) * x0.std(dim=(2, 3), keepdim=True) / pulled.std(
+                        dim=(2, 3), keepdim=True
+                    )  # each channel's spread put back to the model's own estimate's
+                    x = x + alpha_prev.sqrt() * (pulled - x0)
             previous = x
             outputs.append(denoiser.postprocess(engine.decode(x), geometry))
     return outputs

@@ -55,6 +55,13 @@ def test_the_whole_suite_rehearses_on_the_cpu(
     assert set(features) == set(gpu_suite.FEATURES)
     assert features["stream batch, cfg full"]["unet_calls_per_frame"] == 1.0
     assert features["cfg full"]["unet_calls_per_frame"] == 4.0
+    temporal = parts["temporal"]  # following the motion: every setting measured on every clip
+    for clip in ("pan", "zoom"):
+        assert set(temporal[clip]["warp_error"]) == {"input", *gpu_suite.TEMPORAL}
+        assert all(v >= 0 for v in temporal[clip]["warp_error"].values())
+    assert set(temporal["still"]["change"]) == {"input", *gpu_suite.TEMPORAL}
+    assert set(temporal["added_pct"]) == set(gpu_suite.TEMPORAL) and temporal["added_pct"]["no_feedback"] == 0
+    assert "both_steps" in record["summary"]["temporal pan warp error of no feedback"]
     targets = record["targets"]
     assert targets[">= 1.5x StreamDiffusion"] is None  # not run here: not measured, never "missed"
     assert set(targets["A >= 250 FPS, p50 <= 4 ms"]) == {"fps", "p50_ms", "holds"}

@@ -313,6 +313,38 @@ def test_size_picker_and_prompt_presets_apply_live(browser: Any, server: tuple[S
         app.close(stream_server)
 
 
+def test_following_the_motion_settings_apply_live(browser: Any, server: tuple[StreamServer, str]) -> None:
+    stream_server, url = server
+    app = Page(browser, url, (390, 844))
+    page = app.page
+    try:
+        assert page.is_checked("#feedback-warp")  # the server's settings, shown before Start
+        assert (page.input_value("#feedback-at"), page.input_value("#noise")) == ("input", "fixed")
+        app.start()
+        session = next(iter(stream_server.sessions.values()))
+        page.select_option("#noise", "warped")
+        page.select_option("#feedback-at", "steps")
+        page.uncheck("#feedback-warp")
+        page.evaluate(
+            "const s = document.getElementById('motion-strength');"
+            "s.value = '0.4'; s.dispatchEvent(new Event('input', {bubbles: true}));"
+        )
+        wait_for(
+            lambda: (
+                session.applied is not None
+                and (session.applied.noise, session.applied.feedback_at) == ("warped", "steps")
+                and session.applied.feedback_warp is False
+                and session.applied.motion_strength == 0.4
+            ),
+            "the motion settings in the engine",
+        )
+        assert page.inner_text("#motion-strength-value") == "0.40"
+        count = session.monitor.out.count
+        wait_for(lambda: session.monitor.out.count > count + 3, "frames with the new settings")
+    finally:
+        app.close(stream_server)
+
+
 def test_errors_say_what_happened_and_what_to_do(
     browser: Any, server: tuple[StreamServer, str], components: Any
 ) -> None:

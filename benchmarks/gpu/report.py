@@ -143,6 +143,18 @@ def summary_lines(record: dict[str, Any]) -> dict[str, str]:
         out[f"B, {variant}"] = (
             f"{r['fps']:.1f} FPS, call p95 {r['p95_ms']:.1f} ms, {calls} UNet calls a frame"
         )
+    temporal = parts.get("temporal", {})
+    for clip in ("pan", "zoom"):
+        error = (temporal.get(clip) or {}).get("warp_error") or {}
+        if error.get("no_feedback"):
+            ratios = ", ".join(
+                f"{s} {v / error['no_feedback']:.2f}x" for s, v in error.items() if s != "input"
+            )
+            out[f"temporal {clip} warp error of no feedback"] = ratios
+    if temporal.get("added_pct"):
+        out["temporal added time a frame"] = ", ".join(
+            f"{s} {v:+.1f}%" for s, v in temporal["added_pct"].items()
+        )
     for mode, r in (parts.get("diffusers", {}).get("modes") or {}).items():
         out[f"vs diffusers img2img {mode}"] = f"{r['speedup_fps']:.2f}x FPS"
     sd = parts.get("streamdiffusion", {})

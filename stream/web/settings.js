@@ -11,10 +11,17 @@ const SLIDERS = [
   ["guidance", "guidance_scale", 1],
   ["steps", "steps", 0],
   ["latent-feedback", "latent_feedback", 2],
+  ["motion-strength", "motion_strength", 2],
+];
+// [element id, settings key] of the choices (select elements)
+const CHOICES = [
+  ["feedback-at", "feedback_at"],
+  ["noise", "noise"],
 ];
 export const DEFAULTS = {
   prompt: "", negative_prompt: "", strength: 0.5, guidance_scale: 1, steps: 4, seed: 0,
   latent_feedback: 0, width: 512, height: 512,
+  feedback_warp: true, feedback_at: "input", noise: "fixed", motion_strength: 0,
 };
 // A click fills the prompt box (and sends it).
 const PRESETS = [
@@ -43,9 +50,11 @@ export function applySettingsToUI(s) {
   $("prompt").value = s.prompt;
   $("negative-prompt").value = s.negative_prompt;
   for (const [id, key] of SLIDERS) {
-    $(id).value = s[key];
+    $(id).value = s[key] ?? DEFAULTS[key];
     showSliderValue(id);
   }
+  for (const [id, key] of CHOICES) $(id).value = s[key] ?? DEFAULTS[key];
+  $("feedback-warp").checked = s.feedback_warp ?? DEFAULTS.feedback_warp;
   $("seed").value = s.seed;
   fillSizes(s.width, s.height);
 }
@@ -119,6 +128,10 @@ export function bindSettings() {
     });
     $("presets").append(button);
   }
+  for (const [id, key] of CHOICES) {
+    $(id).addEventListener("change", (e) => queueSetting(key, e.target.value, 0));
+  }
+  $("feedback-warp").addEventListener("change", (e) => queueSetting("feedback_warp", e.target.checked, 0));
   $("size").addEventListener("change", (e) => {
     const [width, height] = e.target.value.split("x").map(Number);
     for (const key of ["width", "height"]) clearTimeout(sendTimers[key]);
