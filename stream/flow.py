@@ -61,14 +61,6 @@ class Motion:
         flow = cv2.resize(self.flow, size, interpolation=cv2.INTER_AREA) / r
         return flow, cv2.resize(self.valid, size, interpolation=cv2.INTER_AREA)
 
-    def latent_flow(self) -> np.ndarray:
-        """(h, w, 2) float32 in latent px: the mean flow of each latent pixel's block."""
-        return self.on_grid(1)[0]
-
-    def latent_valid(self) -> np.ndarray:
-        """(h, w) float32 in [0, 1]: the share of each latent pixel the flow can be trusted on."""
-        return self.on_grid(1)[1]
-
 
 def flow_cell(latent: tuple[int, int], vae_factor: int) -> int:
     """Flow pixels per latent pixel (per side): the flow grid is the latent grid times this (never

@@ -162,11 +162,11 @@ def test_flow_of_a_pan_and_its_occlusion_mask() -> None:
     (motion,) = track(pan_clip(2, (SIZE, SIZE), step=8))  # the picture moves 8 px left
     assert motion.flow.shape == (SIZE, SIZE, 2) and motion.cell == 16  # 1 flow px = 1 canvas px here
     assert abs(float(np.median(motion.flow[..., 0])) - 8.0) < 0.5
-    assert abs(float(np.median(motion.latent_flow()[..., 0])) - 0.5) < 0.05  # in latent pixels
+    assert abs(float(np.median(motion.on_grid(1)[0][..., 0])) - 0.5) < 0.05  # in latent pixels
     assert abs(motion.speed - 8.0) < 1.0 and not motion.still and not motion.cut
     assert motion.valid[:, -6:].mean() < 0.2  # the strip that entered on the right: from outside
     assert motion.valid[:, :-12].mean() > 0.9
-    assert motion.latent_valid().shape == (8, 8)
+    assert motion.on_grid(1)[1].shape == (8, 8)
 
 
 def test_occlusion_mask_behind_a_moving_object() -> None:
