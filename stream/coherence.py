@@ -46,6 +46,22 @@ def follows_motion(config: StreamConfig) -> bool:
     )
 
 
+def latent_feedback(
+    config: StreamConfig, coherence: Coherence | None, latent: torch.Tensor, previous: torch.Tensor | None
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The previous output latent fed back as the config says: blended into the new frame's `latent`
+    (returned blended, no pull), or at the steps (`latent` returned as it is, with the pull that
+    frame_plan.step applies); along the motion when `coherence` follows it and feedback_warp is on."""
+    warp = coherence if config.feedback_warp else None
+    weight = config.latent_feedback
+    if config.feedback_at == "steps":
+        pull = warp.pull if warp is not None else temporal.feedback_pull
+        return latent, pull(latent, previous, weight)
+    if warp is not None:
+        return warp.blend(latent, previous, weight), None
+    return temporal.feedback_blend(latent, previous, weight), None
+
+
 @dataclass(frozen=True)
 class _Followed:
     """What a flow thread made of a frame's motion for the model thread (CPU tensors)."""

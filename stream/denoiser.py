@@ -22,7 +22,7 @@ import torch
 
 from stream import control, frame_plan, schedule, temporal
 from stream.batch import EMPTY, FrameResult, Job, process_batch
-from stream.coherence import Coherence, follows_motion
+from stream.coherence import Coherence, follows_motion, latent_feedback
 from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, from_canvas, letterbox_geometry, to_canvas
@@ -209,16 +209,7 @@ class StreamDenoiser:
         motion = state.coherence.wait() if state.coherence is not None else None
         if motion is not None and motion.cut:  # a scene cut: start over instead of smearing the last scene
             state.prev_latent, state.noise = None, []
-        pull = None
-        warp = state.coherence if config.feedback_warp else None
-        if config.feedback_at == "steps":  # the feedback moves each step's estimate, not the input
-            pull = (warp.pull if warp is not None else temporal.feedback_pull)(
-                latent, state.prev_latent, config.latent_feedback
-            )
-        elif warp is not None:
-            latent = warp.blend(latent, state.prev_latent, config.latent_feedback)
-        else:
-            latent = temporal.feedback_blend(latent, state.prev_latent, config.latent_feedback)
+        latent, pull = latent_feedback(config, state.coherence, latent, state.prev_latent)
         job.noise = self._noise(latent, state)
         if state.coherence is not None and config.motion_strength > 0:
             self._use_strength(state.coherence.strength(config))
