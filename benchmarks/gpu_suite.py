@@ -290,6 +290,7 @@ class Suite:
     def temporal(self, deadline: measure.Deadline) -> dict[str, Any]:
         """Following the motion on sd-turbo B, eager, the settings interleaved frame by frame."""
         from benchmarks import temporal as bench
+        from benchmarks.temporal_measures import mean_of
         from stream.denoiser import StreamDenoiser
 
         components = self._load("sd-turbo")
@@ -306,7 +307,7 @@ class Suite:
         result: dict[str, Any] = {"model": self._config("sd-turbo", mode).model, "mode": mode.name}
         for name, measures in curves.items():
             kept = ("change",) if name == bench.STILL else ("warp_error", "change")
-            result[name] = {m: {k: round(bench.mean_of(v), 3) for k, v in measures[m].items()} for m in kept}
+            result[name] = {m: {k: round(mean_of(v), 3) for k, v in measures[m].items()} for m in kept}
         none = float(np.percentile(times["no_feedback"], 50))
         result["p50_ms"] = {s: round(float(np.percentile(t, 50)), 2) for s, t in times.items()}
         result["added_pct"] = {s: round(100.0 * (result["p50_ms"][s] / none - 1.0), 1) for s in times}
