@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from stream.config import MAX_STEPS
 from stream.engine import Engine
 from stream.frame_plan import concat_rows
 from stream.frames import StageTimer
@@ -124,3 +125,18 @@ def _run(engine: Engine, jobs: list[Job]) -> list[FrameResult]:
         for result in results:
             result.timings = {**shared, **result.timings}
         return results
+
+
+def drain(denoiser: StreamDenoiser, frame: np.ndarray) -> list[FrameResult]:
+    """Stream Batch at the end of an input: the frames still in flight, each run to its last step and
+    returned in input order. `frame` (the last input) is fed again as filler, past the similarity
+    filter, until no real frame is left in flight; what the filler makes is not returned."""
+    filler, done = object(), []
+    for _ in range(MAX_STEPS):  # each call moves every frame in flight a step on
+        if all(f.tag is filler for f in denoiser._state.pipeline.frames):
+            break
+        denoiser._state.last_input = None  # the filler is the last input again: it must not be skipped
+        result = denoiser.process(frame, tag=filler)
+        if not result.pending and result.tag is not filler:
+            done.append(result)
+    return done

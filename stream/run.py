@@ -10,6 +10,7 @@ from typing import Any, TextIO
 import cv2
 
 from stream.adaptive import AdaptiveController
+from stream.batch import FrameResult, drain
 from stream.config import ConfigError
 from stream.denoiser import STAGES, StreamDenoiser
 from stream.monitor import LatencyMonitor, RollingStats, stage_names
@@ -35,12 +36,29 @@ def run_loop(
     start = time.perf_counter()
     frames = 0
     size: tuple[int, ...] | None = None
-    interrupted = False
+    interrupted = stopped = False
+    last = None
+
+    def write(result: FrameResult) -> bool:
+        """One output to the sink; False when the sink's window was closed."""
+        nonlocal frames, size
+        out = result.frame
+        if size is None:
+            size = out.shape[:2]
+        elif out.shape[:2] != size:  # the source changed size: the file keeps its first size
+            out = cv2.resize(out, (size[1], size[0]), interpolation=cv2.INTER_AREA)
+        sink.write(out)
+        frames += 1
+        monitor.frame_out(result.timings, result.skipped)
+        line.update(frames, stats, denoiser.skipped, getattr(source, "drops", 0))
+        return not getattr(sink, "closed_by_user", False)
+
     try:
         while limit is None or frames < limit:
             frame = source.read()
             if frame is None:
                 break
+            last = frame
             if controller is not None:
                 config = controller.apply(requested)
                 if config is not denoiser.config:
@@ -56,17 +74,13 @@ def run_loop(
                     logger.warning("adaptive: %s -> %s: %s", change["from"], change["to"], change["reason"])
             if result.pending:  # Stream Batch: nothing left the pipeline yet (or a skipped input)
                 continue
-            out = result.frame
-            if size is None:
-                size = out.shape[:2]
-            elif out.shape[:2] != size:  # the source changed size: the file keeps its first size
-                out = cv2.resize(out, (size[1], size[0]), interpolation=cv2.INTER_AREA)
-            sink.write(out)
-            frames += 1
-            monitor.frame_out(result.timings, result.skipped)
-            line.update(frames, stats, denoiser.skipped, getattr(source, "drops", 0))
-            if getattr(sink, "closed_by_user", False):
+            if not write(result):
+                stopped = True
                 break
+        if last is not None and not stopped and (limit is None or frames < limit):
+            for result in drain(denoiser, last):  # Stream Batch: the last inputs' frames still in flight
+                if (limit is not None and frames >= limit) or not write(result):
+                    break
     except KeyboardInterrupt:
         interrupted = True
     elapsed = time.perf_counter() - start
