@@ -28,6 +28,22 @@ RELOAD_FIELDS = (
     "lora",
     "controlnet",
 )
+# Settings whose change makes the last output stale: the similarity filter must not hand it back.
+OUTPUT_FIELDS = (
+    "prompt",
+    "negative_prompt",
+    "strength",
+    "guidance_scale",
+    "steps",
+    "seed",
+    "latent_feedback",
+    "lora_scale",
+    "control",
+    "controlnet_conditioning_scale",
+    "feedback_warp",
+    "feedback_at",
+    "motion_strength",
+)
 # What a page or control message may change live, by the names the page uses; anything else is refused.
 LIVE_SETTINGS = (
     "prompt",

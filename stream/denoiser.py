@@ -23,7 +23,7 @@ import torch
 from stream import control, frame_plan, schedule, temporal
 from stream.batch import EMPTY, FrameResult, Job, process_batch
 from stream.coherence import Coherence, follows_motion, latent_feedback
-from stream.config import RELOAD_FIELDS, ConfigError, StreamConfig
+from stream.config import OUTPUT_FIELDS, RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, from_canvas, letterbox_geometry, to_canvas
 from stream.models import Components, load_model, sdxl
@@ -33,22 +33,6 @@ from stream.transfer import FrameTransfer
 logger = logging.getLogger(__name__)
 
 STAGES = ("preprocess", "encode", "denoise", "decode", "postprocess")
-# Settings whose change makes the last output stale: the similarity filter must not hand it back.
-_OUTPUT_SETTINGS = (
-    "prompt",
-    "negative_prompt",
-    "strength",
-    "guidance_scale",
-    "steps",
-    "seed",
-    "latent_feedback",
-    "lora_scale",
-    "control",
-    "controlnet_conditioning_scale",
-    "feedback_warp",
-    "feedback_at",
-    "motion_strength",
-)
 
 
 @dataclass
@@ -150,7 +134,7 @@ class StreamDenoiser:
             self.reset()
         if config.guidance_scale != old.guidance_scale:
             self._guidance_embed = None
-        if any(getattr(config, name) != getattr(old, name) for name in _OUTPUT_SETTINGS):
+        if any(getattr(config, name) != getattr(old, name) for name in OUTPUT_FIELDS):
             self._state.last_input = None  # the last output no longer answers this input
 
     def reset(self) -> None:
@@ -273,47 +257,23 @@ class StreamDenoiser:
 
     # ------------------------------------------------------------------ internals
     def _set_schedule(self, config: StreamConfig) -> None:
-        sc = self.engine.scheduler_config
-        T = int(sc.get("num_train_timesteps", 1000))
-        alphas_cumprod = self.engine.alphas_cumprod
-        c_skip: torch.Tensor | None = None
-        c_out: torch.Tensor | None = None
+        engine = self.engine
         try:
-            if config.scheduler == "lcm":
-                timesteps = schedule.lcm_timesteps(
-                    config.steps, config.strength, T, int(sc.get("original_inference_steps", 50))
-                )
-                prev = timesteps[1:] + timesteps[-1:]
-                c_skip, c_out = schedule.lcm_boundary_scalings(
-                    timesteps, float(sc.get("timestep_scaling", 10.0))
-                )
-            elif config.timesteps == "streaming":
-                timesteps, prev = schedule.streaming_timesteps(config.steps, config.strength, T)
-            else:
-                timesteps, prev = schedule.ddim_timesteps(
-                    config.steps,
-                    config.strength,
-                    T,
-                    sc.get("timestep_spacing", "leading"),
-                    int(sc.get("steps_offset", 0)),
-                )
+            self._schedule = schedule.for_stream(
+                engine.scheduler_config,
+                engine.alphas_cumprod,
+                config.scheduler,
+                config.timesteps,
+                config.steps,
+                config.strength,
+                self.device,
+            )
         except ValueError as exc:
             raise ConfigError(str(exc)) from exc
-        final_alpha = 1.0 if sc.get("set_alpha_to_one", True) else float(alphas_cumprod[0])
-
-        def on_device(x: torch.Tensor) -> torch.Tensor:
-            return x.to(self.device, torch.float32)
-
-        self._schedule = schedule.Schedule(
-            timesteps=tuple(timesteps),
-            alphas=on_device(schedule.alpha_at(alphas_cumprod, timesteps, final_alpha)),
-            alphas_prev=on_device(schedule.alpha_at(alphas_cumprod, prev, final_alpha)),
-            c_skip=None if c_skip is None else on_device(c_skip),
-            c_out=None if c_out is None else on_device(c_out),
-        )
-        self._t = [torch.tensor([t], device=self.device) for t in timesteps]
+        self._t = [torch.tensor([t], device=self.device) for t in self._schedule.timesteps]
         self._plan = None
         self._strength = config.strength  # what the schedule was made for (motion may lower it a frame)
+        sc = engine.scheduler_config
         clip = sc.get("clip_sample", False)
         self._clip_sample = float(sc.get("clip_sample_range", 1.0)) if clip else None
 

@@ -8,8 +8,9 @@ tests compare each function with diffusers' `DDIMScheduler` / `LCMScheduler`.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,6 +132,46 @@ def lcm_boundary_scalings(
     c_skip = sigma_data**2 / (t**2 + sigma_data**2)
     c_out = t / (t**2 + sigma_data**2) ** 0.5
     return c_skip.float(), c_out.float()
+
+
+def for_stream(
+    scheduler_config: Mapping[str, Any],
+    alphas_cumprod: torch.Tensor,
+    scheduler: str,
+    timesteps_rule: str,
+    steps: int,
+    strength: float,
+    device: torch.device,
+) -> Schedule:
+    """The `Schedule` a stream denoises every frame with, from a model's scheduler config: LCM's
+    timesteps and boundary scalings (`scheduler="lcm"`), the streaming rule (`timesteps_rule=
+    "streaming"`), or DDIM's with the config's spacing. Raises ValueError for steps and strength that
+    give no schedule."""
+    sc = scheduler_config
+    T = int(sc.get("num_train_timesteps", 1000))
+    c_skip: torch.Tensor | None = None
+    c_out: torch.Tensor | None = None
+    if scheduler == "lcm":
+        timesteps = lcm_timesteps(steps, strength, T, int(sc.get("original_inference_steps", 50)))
+        prev = timesteps[1:] + timesteps[-1:]
+        c_skip, c_out = lcm_boundary_scalings(timesteps, float(sc.get("timestep_scaling", 10.0)))
+    elif timesteps_rule == "streaming":
+        timesteps, prev = streaming_timesteps(steps, strength, T)
+    else:
+        spacing, offset = sc.get("timestep_spacing", "leading"), int(sc.get("steps_offset", 0))
+        timesteps, prev = ddim_timesteps(steps, strength, T, spacing, offset)
+    final_alpha = 1.0 if sc.get("set_alpha_to_one", True) else float(alphas_cumprod[0])
+
+    def on_device(x: torch.Tensor) -> torch.Tensor:
+        return x.to(device, torch.float32)
+
+    return Schedule(
+        timesteps=tuple(timesteps),
+        alphas=on_device(alpha_at(alphas_cumprod, timesteps, final_alpha)),
+        alphas_prev=on_device(alpha_at(alphas_cumprod, prev, final_alpha)),
+        c_skip=None if c_skip is None else on_device(c_skip),
+        c_out=None if c_out is None else on_device(c_out),
+    )
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
