@@ -42,6 +42,7 @@ OUTPUT_FIELDS = (
     "controlnet_conditioning_scale",
     "feedback_warp",
     "feedback_at",
+    "noise",
     "motion_strength",
 )
 # What a page or control message may change live, by the names the page uses; anything else is refused.
