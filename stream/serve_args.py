@@ -41,6 +41,12 @@ def add_cluster_arguments(parser: argparse.ArgumentParser) -> None:
 
 # `stream serve`'s limits on what one peer may cost (stream/server/limits.py); defaults from Limits.
 LIMIT_FLAGS: list[tuple[str, type, str]] = [
+    (
+        "max_per_address",
+        int,
+        "sessions one network address may hold at once; more get 429 (0: no cap). Peers on this machine "
+        "(loopback, e.g. a reverse proxy on it) are not capped",
+    ),
     ("max_prompt_chars", int, "characters a prompt or negative prompt may have; longer ones are refused"),
     (
         "prompt_interval",

@@ -154,6 +154,33 @@ def test_sessions_spread_over_both_workers_with_frames_stats_metrics_and_503(wor
     asyncio.run(main())
 
 
+def test_the_front_caps_the_sessions_of_one_address(workers: Any) -> None:
+    """Every offer reaches a worker from the front: the front counts each peer's sessions itself."""
+
+    async def main() -> None:
+        pool = WorkerPool(SETTINGS, workers=2, gpu=False, poll_interval=0.2, scale_interval=1.0)
+        front = ClusterFront(pool, CONFIG, max_sessions=2)
+        async with running(front, peers=True) as url:
+            await until(lambda: len(pool.views) == 2 and all(w.state == READY for w in pool.views.values()))
+            clients = [Client([INPUT]) for _ in range(4)]
+            try:
+                await clients[0].connect(url, peer="203.0.113.7")
+                await clients[1].connect(url, peer="203.0.113.7")
+                status, body = await clients[2].offer(url, peer="203.0.113.7")
+                assert status == 429 and "already holds 2 session(s)" in body["error"], body
+                await clients[3].connect(url, peer="198.51.100.9")  # the front's own address is never counted
+                assert sorted(str(a) for a in front.addresses.values()) == [
+                    "198.51.100.9",
+                    *["203.0.113.7"] * 2,
+                ]
+            finally:
+                for client in clients:
+                    await client.close()
+            await until(lambda: not front.pool.routes, timeout=30)
+
+    asyncio.run(main())
+
+
 async def whip_session(url: str) -> tuple[RTCPeerConnection, str]:
     pc = RTCPeerConnection()
     pc.addTransceiver(ClipTrack([INPUT]), direction="sendonly")

@@ -725,13 +725,29 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
         ("--read-timeout", "10.0"),
         ("--max-reading", "32"),
         ("--connect-timeout", "10.0"),
+        ("--max-per-address", "2"),
     ]:
         assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1][:400], flag
     for bad, words in [
         (["--max-prompt-chars", "0"], "--max-prompt-chars must be a whole number >= 1, got 0"),
         (["--read-timeout", "nan"], "--read-timeout must be > 0 seconds, got nan"),
         (["--prompt-interval", "-1"], "--prompt-interval must be >= 0 seconds, got -1.0"),
+        (["--max-per-address", "-1"], "--max-per-address must be a whole number >= 0 (0: no cap), got -1"),
     ]:
         assert main(["serve", "--model", "tiny", *bad]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+def test_which_addresses_the_per_address_cap_counts() -> None:
+    from stream.server.limits import address_full, is_loopback
+
+    assert all(is_loopback(a) for a in ("127.0.0.1", "127.8.9.1", "::1", "::ffff:127.0.0.1"))
+    assert not any(is_loopback(a) for a in ("203.0.113.7", "10.0.0.2", "fe80::1%eth0", "", None, "/tmp/s"))
+    held = ["203.0.113.7", "198.51.100.9", "203.0.113.7", None]
+    assert address_full("203.0.113.7", held, 3) is None  # 2 held, 3 allowed
+    assert "already holds 2 session(s)" in str(address_full("203.0.113.7", held, 2))
+    assert address_full("198.51.100.9", held, 2) is None
+    assert address_full("203.0.113.7", held, 0) is None  # 0: no cap
+    assert address_full("127.0.0.1", ["127.0.0.1"] * 5, 1) is None  # this machine: never capped
+    assert address_full(None, [None] * 5, 1) is None  # no address known: not capped

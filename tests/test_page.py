@@ -20,6 +20,7 @@ from stream.config import StreamConfig
 from stream.media import write_y4m
 from stream.models import load_model
 from stream.server import ServerThread, StreamServer
+from stream.server.limits import address_full
 from tests.conftest import pan_clip
 
 ARTIFACTS = Path(os.environ.get("STREAM_ARTIFACTS", Path(__file__).resolve().parent.parent / "artifacts"))
@@ -365,6 +366,19 @@ def test_errors_say_what_happened_and_what_to_do(
         'Seed must be a whole number, 0 or more: "-5" was not applied; the stream keeps seed 0.'
     )
     assert app.page.evaluate("document.getElementById('seed').matches(':invalid')")  # shown red
+    app.close(stream_server)
+
+    # This address holds as many sessions as it may (--max-per-address): the server's own answer.
+    crowded = address_full("203.0.113.7", ["203.0.113.7"] * 2, 2)
+    app = Page(browser, url)
+    app.page.route("**/offer", lambda route: route.fulfill(status=429, json={"error": crowded}))
+    app.page.click("#start")
+    app.page.wait_for_function("document.getElementById('status').dataset.kind === 'error'", timeout=30_000)
+    assert app.status() == (
+        "Your network already holds as many sessions on this server as one address may: close one "
+        "(another tab or device), then press Start.",
+        "error",
+    )
     app.close(stream_server)
 
     # All places taken (this server allows one session).

@@ -112,20 +112,38 @@ class Client:
             pass
 
     async def connect(
-        self, url: str, token: str | None = None, settings: dict[str, Any] | None = None, **extra: Any
+        self,
+        url: str,
+        token: str | None = None,
+        settings: dict[str, Any] | None = None,
+        peer: str | None = None,
+        **extra: Any,
     ) -> None:
+        status, answer = await self.offer(url, token, settings, peer, **extra)
+        assert status == 200, answer
+        self.session = answer["session"]
+        self.view_key = answer.get("view_key", "")
+        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+
+    async def offer(
+        self,
+        url: str,
+        token: str | None = None,
+        settings: dict[str, Any] | None = None,
+        peer: str | None = None,
+        **extra: Any,
+    ) -> tuple[int, dict[str, Any]]:
+        """POST /offer (as if from the address `peer`, with running(..., peers=True)): status, answer."""
         await self.pc.setLocalDescription(await self.pc.createOffer())
         body = {"sdp": self.pc.localDescription.sdp, "type": "offer", "settings": settings or {}, **extra}
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if peer:
+            headers[PEER] = peer
         async with (
             aiohttp.ClientSession() as http,
             http.post(url + "/offer", json=body, headers=headers) as r,
         ):
-            answer = await r.json()
-            assert r.status == 200, answer
-        self.session = answer["session"]
-        self.view_key = answer.get("view_key", "")
-        await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
+            return r.status, await r.json()
 
     async def wait_frames(self, count: int, timeout: float = 30.0) -> None:
         deadline = time.monotonic() + timeout
@@ -145,9 +163,22 @@ class Client:
             self._reader.cancel()
 
 
+PEER = "X-Test-Peer"  # with running(..., peers=True): the address the request seems to come from
+
+
+@web.middleware
+async def peer_address(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Servers in tests listen on 127.0.0.1 only: this lets a request stand for a peer elsewhere."""
+    address = request.headers.get(PEER)
+    return await handler(request.clone(remote=address) if address else request)
+
+
 @asynccontextmanager
-async def running(server: StreamServer) -> AsyncIterator[str]:
-    runner = web.AppRunner(server.app())
+async def running(server: StreamServer, peers: bool = False) -> AsyncIterator[str]:
+    app = server.app()
+    if peers:
+        app.middlewares.append(peer_address)
+    runner = web.AppRunner(app)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -212,6 +243,40 @@ def test_round_trip_and_live_prompt_change(tiny_factory: Callable[[StreamConfig]
 def own_threads() -> int:
     """Threads other than the event loop's executor pool (bounded; it may grow under CPU load)."""
     return sum(not t.name.startswith("asyncio_") for t in threading.enumerate())
+
+
+def test_one_address_holds_at_most_max_per_address_sessions(
+    tiny_factory: Callable[[StreamConfig], StreamDenoiser],
+) -> None:
+    """One address cannot take every place: past --max-per-address (2) it gets 429, while another
+    address and this machine (loopback) still get in; closing one lets the address in again."""
+
+    async def main() -> None:
+        server = make_server(tiny_factory, max_sessions=6)
+        async with running(server, peers=True) as url:
+            mine = [Client([INPUT]) for _ in range(3)]
+            other, local, again = Client([INPUT]), Client([INPUT]), Client([INPUT])
+            try:
+                await mine[0].connect(url, peer="203.0.113.7")
+                await mine[1].connect(url, peer="203.0.113.7")
+                status, body = await mine[2].offer(url, peer="203.0.113.7")
+                assert status == 429, body
+                assert (
+                    "already holds 2 session(s)" in body["error"] and "--max-per-address 2" in body["error"]
+                )
+                await other.connect(url, peer="198.51.100.9")  # another address is not refused
+                await local.connect(url)  # nor is this machine (127.0.0.1)
+                assert len(server.sessions) == 4
+                assert sorted(str(s.address) for s in server.sessions.values()).count("203.0.113.7") == 2
+                await mine[0].close()
+                await until(lambda: mine[0].session not in server.sessions, timeout=30)
+                await again.connect(url, peer="203.0.113.7")
+                await again.wait_frames(2)
+            finally:
+                for client in (*mine, other, local, again):
+                    await client.close()
+
+    asyncio.run(main())
 
 
 def test_hang_up_frees_the_session(tiny_factory: Callable[[StreamConfig], StreamDenoiser]) -> None:

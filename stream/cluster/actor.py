@@ -27,6 +27,7 @@ from stream.cluster.ports import PortRangeLoop
 from stream.config import StreamConfig
 from stream.models import load_model
 from stream.server import ServerThread, StreamServer
+from stream.server.limits import Limits
 from stream.server.session import Session
 from stream.sizes import allowed_sizes, check_sides, components_multiple, native_side
 
@@ -124,7 +125,8 @@ class StreamWorker:
             max_viewers=settings.max_viewers,
             sizes=sizes,
             batching=settings.batching,
-            limits=settings.limits,
+            # every offer comes from the front, which caps the sessions of each peer address itself
+            limits=dataclasses.replace(settings.limits or Limits(), max_per_address=0),
         )
         self.thread = WorkerThread(self.server, settings.rtc_ports).__enter__()
         self.client: aiohttp.ClientSession | None = None

@@ -14,6 +14,7 @@ from aiohttp import web
 from stream.cluster.placement import WorkerView, pick, why_full
 from stream.cluster.pool import WorkerLost
 from stream.server import auth
+from stream.server.limits import address_full
 from stream.server.signaling import error, no_trickle, preflight
 
 if TYPE_CHECKING:
@@ -37,6 +38,12 @@ async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.
     started = time.perf_counter()
     body = await request.read()
     cors = kind == "whip"
+    for gone in [s for s in front.addresses if s not in front.pool.routes]:
+        del front.addresses[gone]
+    crowded = address_full(request.remote, front.addresses.values(), front.limits.max_per_address)
+    if crowded is not None:
+        logger.info("%s session from %s refused: %s", kind, request.remote, crowded)
+        return error(429, crowded, cors=True)
     tried: set[str] = set()
     last: web.Response | None = None
     while (worker := pick(front.pool.ordered(), tried)) is not None:
@@ -53,6 +60,7 @@ async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.
         session = session_of(status, headers, data)
         if session is not None:
             front.pool.placed(session, worker)
+            front.addresses[session] = request.remote
             remember_view_key(front, session, data)
             front.offers.labels(worker.name).inc()
             front.signaling_seconds.observe(time.perf_counter() - started)

@@ -1,10 +1,13 @@
-"""What one peer may cost the server: text lengths, prompt re-encodes, frame sizes, media sections,
-request reading time, connecting time. Each limit is a `stream serve` flag (stream/serve_args.py)."""
+"""What one peer may cost the server: sessions one address holds, text lengths, prompt re-encodes, frame
+sizes, media sections, request reading time, connecting time. Each limit is a `stream serve` flag
+(stream/serve_args.py)."""
 
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from stream.config import ConfigError
@@ -14,6 +17,7 @@ MAX_MEDIA_SECTIONS = 4  # m= lines in one offer: a browser sends video, audio an
 
 @dataclass(frozen=True)
 class Limits:
+    max_per_address: int = 2  # sessions one network address may hold at once (0: no cap; loopback: none)
     max_prompt_chars: int = 2000  # characters in a prompt or negative prompt
     prompt_interval: float = 0.25  # seconds between two prompt re-encodes of one session
     max_input_side: int = 1920  # pixels: a session sending larger frames is closed
@@ -23,6 +27,10 @@ class Limits:
     connect_timeout: float = 10.0  # seconds a new session may take to connect; then it is freed
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.max_per_address, int) and self.max_per_address >= 0):
+            raise ConfigError(
+                f"--max-per-address must be a whole number >= 0 (0: no cap), got {self.max_per_address!r}"
+            )
         for name in ("max_prompt_chars", "max_input_side", "max_output_side", "max_reading"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -45,3 +53,29 @@ def fit_side(width: int, height: int, side: int) -> tuple[int, int]:
     if scale >= 1.0:
         return width, height
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a peer's address is this machine (a local user, or a reverse proxy on it): not capped."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:  # a Unix socket path or another name: not an IP
+        return False
+    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # ::ffff:127.0.0.1
+    return (mapped or ip).is_loopback
+
+
+def address_full(address: str | None, held: Iterable[str | None], cap: int) -> str | None:
+    """Why `address` may not start another session when it already holds those in `held` (the
+    addresses of the running sessions), or None when it may. `cap` 0 is no cap."""
+    if cap <= 0 or not address or is_loopback(address):
+        return None
+    count = sum(1 for other in held if other == address)
+    if count < cap:
+        return None
+    return (
+        f"this address already holds {count} session(s), the most one address may hold at once "
+        f"(--max-per-address {cap}); close one first"
+    )

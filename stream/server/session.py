@@ -76,8 +76,10 @@ class Session:
         adaptive: bool = True,
         stamp: bool = False,
         kind: str = "browser",
+        address: str | None = None,
     ) -> None:
         self.id = session_id
+        self.address = address  # the peer's network address (for the per-address cap), None if unknown
         self.view_key = secrets.token_urlsafe(16)  # for its own page: watching it (WHEP) needs this key
         self.kind = kind  # "browser" (POST /offer) or "whip" (POST /whip: OBS and other encoders)
         self.pc = pc

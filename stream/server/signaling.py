@@ -17,7 +17,7 @@ from aiortc import (
 
 from stream.config import ConfigError, StreamConfig
 from stream.server import auth, peer
-from stream.server.limits import MAX_MEDIA_SECTIONS
+from stream.server.limits import MAX_MEDIA_SECTIONS, address_full
 from stream.server.rtc import check_offer
 from stream.server.session import Session, Viewer, apply_settings
 
@@ -84,7 +84,7 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
         )
     except ConfigError as exc:
         return error(400, f"bad settings: {exc}")
-    started = await start_session(server, body["sdp"], config, stamp=stamped)
+    started = await start_session(server, body["sdp"], config, stamp=stamped, address=request.remote)
     if isinstance(started, web.Response):
         return started
     answer = started.pc.localDescription
@@ -95,15 +95,27 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
 
 
 async def start_session(
-    server: StreamServer, sdp: str, config: StreamConfig, *, stamp: bool = False, kind: str = "browser"
+    server: StreamServer,
+    sdp: str,
+    config: StreamConfig,
+    *,
+    stamp: bool = False,
+    kind: str = "browser",
+    address: str | None = None,
 ) -> Session | web.Response:
-    """Negotiate a new session from a checked offer; an error response when it cannot start."""
+    """Negotiate a new session from a checked offer (from the peer at `address`); an error response
+    when it cannot start."""
     problem = server.unavailable()
     if problem is not None:
         return error(503, f"the server cannot take sessions now: {problem}", cors=True)
     if len(server.sessions) >= server.max_sessions:
         logger.info("%s session refused: all %d places are taken", kind, server.max_sessions)
         return error(503, f"the server is full: {server.max_sessions} sessions at once; try again later")
+    held = (other.address for other in server.sessions.values())
+    crowded = address_full(address, held, server.limits.max_per_address)
+    if crowded is not None:
+        logger.info("%s session from %s refused: %s", kind, address, crowded)
+        return error(429, crowded, cors=True)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=server.ice_servers))
     session = Session(
         secrets.token_urlsafe(8),
@@ -113,6 +125,7 @@ async def start_session(
         adaptive=server.adaptive,
         stamp=stamp,
         kind=kind,
+        address=address,
     )
     server.sessions_started += 1
     server.sessions[session.id] = session  # holds its place while negotiating (closing frees it)
@@ -168,7 +181,9 @@ async def whip(server: StreamServer, request: web.Request) -> web.Response:
     stamped = request.query.get("stamp", "0")
     if stamped not in ("0", "1"):
         return error(400, f"stamp must be 0 or 1, got {stamped!r}", cors=True)
-    started = await start_session(server, sdp, server.config, kind="whip", stamp=stamped == "1")
+    started = await start_session(
+        server, sdp, server.config, kind="whip", stamp=stamped == "1", address=request.remote
+    )
     if isinstance(started, web.Response):
         started.headers.update(CORS)
         return started

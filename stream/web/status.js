@@ -40,6 +40,9 @@ export function offerError(status, data, token, maxSessions) {
     const places = data?.max_sessions || maxSessions;
     return `All ${places || "the"} places are taken; try again in a moment.`;
   }
+  if (status === 429) {
+    return "Your network already holds as many sessions on this server as one address may: close one (another tab or device), then press Start.";
+  }
   if (status === 400 && reason.startsWith("bad settings")) return `The server refused the settings: ${reason.replace(/^bad settings: /, "")}.`;
   return `The server could not start a session: ${reason || "no reason given"} (HTTP ${status}).`;
 }
