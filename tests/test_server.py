@@ -121,6 +121,10 @@ class Client:
     ) -> None:
         status, answer = await self.offer(url, token, settings, peer, **extra)
         assert status == 200, answer
+        await self.answered(answer)
+
+    async def answered(self, answer: dict[str, Any]) -> None:
+        """Take the server's answer to this client's offer: the session is on its way."""
         self.session = answer["session"]
         self.view_key = answer.get("view_key", "")
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
@@ -257,19 +261,22 @@ def test_one_address_holds_at_most_max_per_address_sessions(
             mine = [Client([INPUT]) for _ in range(3)]
             other, local, again = Client([INPUT]), Client([INPUT]), Client([INPUT])
             try:
-                await mine[0].connect(url, peer="203.0.113.7")
-                await mine[1].connect(url, peer="203.0.113.7")
-                status, body = await mine[2].offer(url, peer="203.0.113.7")
-                assert status == 429, body
-                assert (
-                    "already holds 2 session(s)" in body["error"] and "--max-per-address 2" in body["error"]
-                )
+                # three offers at once from one address: two get in, the third is refused
+                answers = await asyncio.gather(*(c.offer(url, peer="203.0.113.7") for c in mine))
+                assert sorted(status for status, _ in answers) == [200, 200, 429], answers
+                for (status, body), client in zip(answers, mine, strict=True):
+                    if status == 200:
+                        await client.answered(body)
+                    else:
+                        assert "already holds 2 session(s)" in body["error"], body
+                        assert "--max-per-address 2" in body["error"]
+                first = next(c for c in mine if c.session)
                 await other.connect(url, peer="198.51.100.9")  # another address is not refused
                 await local.connect(url)  # nor is this machine (127.0.0.1)
                 assert len(server.sessions) == 4
                 assert sorted(str(s.address) for s in server.sessions.values()).count("203.0.113.7") == 2
-                await mine[0].close()
-                await until(lambda: mine[0].session not in server.sessions, timeout=30)
+                await first.close()
+                await until(lambda: first.session not in server.sessions, timeout=30)
                 await again.connect(url, peer="203.0.113.7")
                 await again.wait_frames(2)
             finally:

@@ -42,6 +42,7 @@ class ClusterFront(StreamServer):
         super().__init__(config, no_model, model_name="", placeholder=False, **options)
         self.view_keys: dict[str, str] = {}  # session -> its view key (from its /offer answer)
         self.addresses: dict[str, str | None] = {}  # session -> its peer's address (the per-address cap)
+        self.placing: list[str | None] = []  # the addresses of the offers being placed now
         self.pool = pool
         self.poller: asyncio.Task[None] | None = None
         self.own = CollectorRegistry(auto_describe=True)  # the front's own metrics (no session metrics)

@@ -37,13 +37,27 @@ async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.
     """A new session on the least loaded worker with a place; the next one if that one turns out full."""
     started = time.perf_counter()
     body = await request.read()
-    cors = kind == "whip"
+    address = request.remote
     for gone in [s for s in front.addresses if s not in front.pool.routes]:
         del front.addresses[gone]
-    crowded = address_full(request.remote, front.addresses.values(), front.limits.max_per_address)
+    # offers still being placed count too: a burst from one address cannot slip past the cap
+    held = [*front.addresses.values(), *front.placing]
+    crowded = address_full(address, held, front.limits.max_per_address)
     if crowded is not None:
-        logger.info("%s session from %s refused: %s", kind, request.remote, crowded)
+        logger.info("%s session from %s refused: %s", kind, address, crowded)
         return error(429, crowded, cors=True)
+    front.placing.append(address)
+    try:
+        return await place_on_a_worker(front, request, kind, body, started)
+    finally:
+        front.placing.remove(address)
+
+
+async def place_on_a_worker(
+    front: ClusterFront, request: web.Request, kind: str, body: bytes, started: float
+) -> web.Response:
+    """The offer `body` to each worker with a place in turn, until one takes it or none can."""
+    cors = kind == "whip"
     tried: set[str] = set()
     last: web.Response | None = None
     while (worker := pick(front.pool.ordered(), tried)) is not None:
