@@ -376,7 +376,8 @@ def test_errors_say_what_happened_and_what_to_do(
     app.page.wait_for_function("document.getElementById('status').dataset.kind === 'error'", timeout=30_000)
     assert app.status() == (
         "Your network already holds as many sessions on this server as one address may: close one "
-        "(another tab or device), then press Start.",
+        "(another tab or device), or wait a few seconds for a page you just closed to free its place, "
+        "then press Start.",
         "error",
     )
     app.close(stream_server)

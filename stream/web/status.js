@@ -41,7 +41,7 @@ export function offerError(status, data, token, maxSessions) {
     return `All ${places || "the"} places are taken; try again in a moment.`;
   }
   if (status === 429) {
-    return "Your network already holds as many sessions on this server as one address may: close one (another tab or device), then press Start.";
+    return "Your network already holds as many sessions on this server as one address may: close one (another tab or device), or wait a few seconds for a page you just closed to free its place, then press Start.";
   }
   if (status === 400 && reason.startsWith("bad settings")) return `The server refused the settings: ${reason.replace(/^bad settings: /, "")}.`;
   return `The server could not start a session: ${reason || "no reason given"} (HTTP ${status}).`;
