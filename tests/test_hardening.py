@@ -740,7 +740,7 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
 
 
 def test_which_addresses_the_per_address_cap_counts() -> None:
-    from stream.server.limits import address_full, is_loopback
+    from stream.server.limits import address_full, address_key, is_loopback
 
     assert all(is_loopback(a) for a in ("127.0.0.1", "127.8.9.1", "::1", "::ffff:127.0.0.1"))
     assert not any(is_loopback(a) for a in ("203.0.113.7", "10.0.0.2", "fe80::1%eth0", "", None, "/tmp/s"))
@@ -751,3 +751,10 @@ def test_which_addresses_the_per_address_cap_counts() -> None:
     assert address_full("203.0.113.7", held, 0) is None  # 0: no cap
     assert address_full("127.0.0.1", ["127.0.0.1"] * 5, 1) is None  # this machine: never capped
     assert address_full(None, [None] * 5, 1) is None  # no address known: not capped
+    # IPv6 counts by /64 (a host picks any address in its own); IPv4-mapped IPv6 as the IPv4 address
+    v6 = ["2001:db8:1:2::10", "2001:db8:1:2:abcd::1"]
+    assert address_key(v6[0]) == address_key(v6[1]) == "2001:db8:1:2::/64"
+    assert "already holds 2 session(s)" in str(address_full("2001:db8:1:2:ffff::9", v6, 2))
+    assert address_full("2001:db8:1:3::10", v6, 2) is None  # another /64
+    assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
+    assert "already holds 2 session(s)" in str(address_full("::ffff:203.0.113.7", held, 2))

@@ -55,24 +55,44 @@ def fit_side(width: int, height: int, side: int) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-def is_loopback(address: str | None) -> bool:
-    """Whether a peer's address is this machine (a local user, or a reverse proxy on it): not capped."""
+def _ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """A peer's address as an IP (an IPv4-mapped IPv6 one as IPv4), or None when it is not one."""
     if not address:
-        return False
+        return None
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:  # a Unix socket path or another name: not an IP
-        return False
-    mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None  # ::ffff:127.0.0.1
-    return (mapped or ip).is_loopback
+        return None
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # ::ffff:127.0.0.1
+        return ip.ipv4_mapped
+    return ip
+
+
+def is_loopback(address: str | None) -> bool:
+    """Whether a peer's address is this machine (a local user, or a reverse proxy on it): not capped."""
+    ip = _ip(address)
+    return ip is not None and ip.is_loopback
+
+
+def address_key(address: str | None) -> str | None:
+    """What the per-address cap counts by: an IPv4 address, or an IPv6 address's /64 network (one
+    host usually holds a whole /64 and may pick any address in it); None when there is no address."""
+    ip = _ip(address)
+    if ip is None:
+        return address or None
+    if isinstance(ip, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+    return str(ip)
 
 
 def address_full(address: str | None, held: Iterable[str | None], cap: int) -> str | None:
     """Why `address` may not start another session when it already holds those in `held` (the
-    addresses of the running sessions), or None when it may. `cap` 0 is no cap."""
-    if cap <= 0 or not address or is_loopback(address):
+    addresses of the running sessions), or None when it may. `cap` 0 is no cap. Addresses count by
+    `address_key`."""
+    key = address_key(address)
+    if cap <= 0 or key is None or is_loopback(address):
         return None
-    count = sum(1 for other in held if other == address)
+    count = sum(1 for other in held if address_key(other) == key)
     if count < cap:
         return None
     return (
