@@ -81,12 +81,24 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
             metavar="N" if kind is int else "SECONDS",
             help=text,
         )
+    group.add_argument(
+        "--trusted-proxy",
+        dest="trusted_proxy",
+        action="append",
+        default=[],
+        metavar="ADDR",
+        help="a reverse proxy or load balancer (an IP address or network, e.g. 10.0.0.5 or 10.0.0.0/8; "
+        "repeat or separate with commas) whose X-Forwarded-For header names the peer: the peer's own "
+        "address then counts toward --max-per-address and shows in the log (default: none, every peer "
+        "is the address it connects from)",
+    )
 
 
 def limits_from_args(args: argparse.Namespace) -> Any:
     from stream.server.limits import Limits
 
     try:
-        return Limits(**{name: getattr(args, name) for name, _, _ in LIMIT_FLAGS})
+        proxies = tuple(p.strip() for given in args.trusted_proxy for p in given.split(",") if p.strip())
+        return Limits(**{name: getattr(args, name) for name, _, _ in LIMIT_FLAGS}, trusted_proxies=proxies)
     except ConfigError as exc:
         raise UsageError(str(exc)) from exc

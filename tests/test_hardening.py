@@ -726,6 +726,7 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
         ("--max-reading", "32"),
         ("--connect-timeout", "10.0"),
         ("--max-per-address", "2"),
+        ("--trusted-proxy", "none, every peer is the address it connects from"),
     ]:
         assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1][:400], flag
     for bad, words in [
@@ -733,6 +734,7 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
         (["--read-timeout", "nan"], "--read-timeout must be > 0 seconds, got nan"),
         (["--prompt-interval", "-1"], "--prompt-interval must be >= 0 seconds, got -1.0"),
         (["--max-per-address", "-1"], "--max-per-address must be a whole number >= 0 (0: no cap), got -1"),
+        (["--trusted-proxy", "10.0.0.5,nginx"], "--trusted-proxy takes IP addresses or networks"),
     ]:
         assert main(["serve", "--model", "tiny", *bad]) == 2
         err = capsys.readouterr().err
@@ -758,3 +760,22 @@ def test_which_addresses_the_per_address_cap_counts() -> None:
     assert address_full("2001:db8:1:3::10", v6, 2) is None  # another /64
     assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
     assert "already holds 2 session(s)" in str(address_full("::ffff:203.0.113.7", held, 2))
+
+
+def test_the_peer_behind_a_trusted_proxy_is_the_one_its_x_forwarded_for_names() -> None:
+    from stream.config import ConfigError
+    from stream.server.limits import Limits
+
+    limits = Limits(trusted_proxies=("127.0.0.1", "10.0.0.0/8"))
+    assert limits.peer("198.51.100.9", ["203.0.113.7"]) == "198.51.100.9"  # not a proxy: header ignored
+    assert limits.peer("127.0.0.1", ["203.0.113.7"]) == "203.0.113.7"
+    assert limits.peer("127.0.0.1", []) == "127.0.0.1"  # no header: the proxy itself
+    # the nearest hop that is not a trusted proxy; what comes before it the peer may have written
+    assert limits.peer("10.1.2.3", ["1.2.3.4, 203.0.113.7, 10.0.0.9"]) == "203.0.113.7"
+    assert limits.peer("10.1.2.3", ["1.2.3.4", "203.0.113.7 , 10.0.0.9"]) == "203.0.113.7"  # two headers
+    assert limits.peer("10.1.2.3", ["10.9.9.9, 10.0.0.9"]) == "10.9.9.9"  # all trusted: the first hop
+    assert limits.peer("10.1.2.3", ["unknown, 10.0.0.9"]) == "10.1.2.3"  # cannot follow: the proxy
+    assert limits.peer("::ffff:127.0.0.1", ["2001:db8::1"]) == "2001:db8::1"
+    assert Limits().peer("127.0.0.1", ["203.0.113.7"]) == "127.0.0.1"  # no trusted proxies: no header
+    with pytest.raises(ConfigError, match="--trusted-proxy takes IP addresses or networks"):
+        Limits(trusted_proxies=("proxy.example.com",))

@@ -180,7 +180,8 @@ def test_session_join_leave_and_refusals_are_logged(
         asyncio.run(main())
     text = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("stream.server"))
     assert re.search(
-        r"browser session \S+ joined \(1 of 1 places\): 128x128, 2 steps, .*prompt 'a cat'", text
+        r"browser session \S+ from 127\.0\.0\.1 joined \(1 of 1 places\): 128x128, 2 steps, .*prompt 'a cat'",
+        text,
     )
     assert re.search(r"session \S+: change refused: steps must be an integer from 1 to 5, got 9", text)
     assert "browser session refused: all 1 places are taken" in text

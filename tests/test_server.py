@@ -27,6 +27,7 @@ from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.models import load_model
 from stream.server import StreamServer
+from stream.server.limits import Limits
 from stream.server.session import Session
 from tests.conftest import pan_clip
 
@@ -282,6 +283,43 @@ def test_one_address_holds_at_most_max_per_address_sessions(
             finally:
                 for client in (*mine, other, local, again):
                     await client.close()
+
+    asyncio.run(main())
+
+
+def test_behind_a_trusted_proxy_the_cap_counts_the_forwarded_address(
+    tiny_factory: Callable[[StreamConfig], StreamDenoiser],
+) -> None:
+    """With this machine as a trusted proxy (--trusted-proxy 127.0.0.1), X-Forwarded-For names the peer;
+    from anywhere else the header is the peer's own word and is ignored."""
+
+    async def offer(url: str, forwarded: str, peer: str | None = None) -> tuple[int, dict[str, Any]]:
+        client = Client([INPUT])
+        try:
+            await client.pc.setLocalDescription(await client.pc.createOffer())
+            body = {"sdp": client.pc.localDescription.sdp, "type": "offer"}
+            headers = {"X-Forwarded-For": forwarded, **({PEER: peer} if peer else {})}
+            async with (
+                aiohttp.ClientSession() as http,
+                http.post(url + "/offer", json=body, headers=headers) as r,
+            ):
+                return r.status, await r.json()
+        finally:
+            await client.close()
+
+    async def main() -> None:
+        # the offers never connect: their places are held for the whole test (not freed after 10 s)
+        limits = Limits(trusted_proxies=("127.0.0.1",), connect_timeout=300)
+        server = make_server(tiny_factory, max_sessions=8, limits=limits)
+        async with running(server, peers=True) as url:
+            statuses = [(await offer(url, "203.0.113.7"))[0] for _ in range(3)]
+            assert statuses == [200, 200, 429]
+            assert (await offer(url, "1.2.3.4, 198.51.100.9"))[0] == 200  # the nearest hop counts
+            # not from the proxy: the header is ignored, the connection's own address counts
+            spoofed = [(await offer(url, f"192.0.2.{i}", peer="198.51.100.20"))[0] for i in range(3)]
+            assert spoofed == [200, 200, 429]
+            held = sorted(str(s.address) for s in server.sessions.values())
+            assert held == ["198.51.100.20"] * 2 + ["198.51.100.9"] + ["203.0.113.7"] * 2
 
     asyncio.run(main())
 

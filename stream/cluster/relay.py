@@ -15,7 +15,7 @@ from stream.cluster.placement import WorkerView, pick, why_full
 from stream.cluster.pool import WorkerLost
 from stream.server import auth
 from stream.server.limits import address_full
-from stream.server.signaling import error, no_trickle, preflight
+from stream.server.signaling import error, no_trickle, peer_address, preflight
 
 if TYPE_CHECKING:
     from stream.cluster.front import ClusterFront
@@ -37,7 +37,7 @@ async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.
     """A new session on the least loaded worker with a place; the next one if that one turns out full."""
     started = time.perf_counter()
     body = await request.read()
-    address = request.remote
+    address = peer_address(front, request)
     for gone in [s for s in front.addresses if s not in front.pool.routes]:
         del front.addresses[gone]
     # offers still being placed count too: a burst from one address cannot slip past the cap
@@ -48,15 +48,16 @@ async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.
         return error(429, crowded, cors=True)
     front.placing.append(address)
     try:
-        return await place_on_a_worker(front, request, kind, body, started)
+        return await place_on_a_worker(front, request, kind, body, started, address)
     finally:
         front.placing.remove(address)
 
 
 async def place_on_a_worker(
-    front: ClusterFront, request: web.Request, kind: str, body: bytes, started: float
+    front: ClusterFront, request: web.Request, kind: str, body: bytes, started: float, address: str | None
 ) -> web.Response:
-    """The offer `body` to each worker with a place in turn, until one takes it or none can."""
+    """The offer `body` (from the peer at `address`) to each worker with a place in turn, until one takes
+    it or none can."""
     cors = kind == "whip"
     tried: set[str] = set()
     last: web.Response | None = None
@@ -74,11 +75,11 @@ async def place_on_a_worker(
         session = session_of(status, headers, data)
         if session is not None:
             front.pool.placed(session, worker)
-            front.addresses[session] = request.remote
+            front.addresses[session] = address
             remember_view_key(front, session, data)
             front.offers.labels(worker.name).inc()
             front.signaling_seconds.observe(time.perf_counter() - started)
-            logger.info("%s session %s placed on %s", kind, session, worker.name)
+            logger.info("%s session %s from %s placed on %s", kind, session, address, worker.name)
             return response
         worker.sessions -= 1
         if status != 503:  # a bad offer: the same on every worker

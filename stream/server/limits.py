@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from stream.config import ConfigError
@@ -25,8 +25,17 @@ class Limits:
     read_timeout: float = 10.0  # seconds to send a whole request (headers and body); then 408
     max_reading: int = 32  # connections at once that have not yet sent a whole request
     connect_timeout: float = 10.0  # seconds a new session may take to connect; then it is freed
+    trusted_proxies: tuple[str, ...] = ()  # addresses or networks whose X-Forwarded-For names the peer
 
     def __post_init__(self) -> None:
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                example = "e.g. 10.0.0.5 or 10.0.0.0/8"
+                raise ConfigError(
+                    f"--trusted-proxy takes IP addresses or networks ({example}), got {proxy!r}"
+                ) from None
         if not (isinstance(self.max_per_address, int) and self.max_per_address >= 0):
             raise ConfigError(
                 f"--max-per-address must be a whole number >= 0 (0: no cap), got {self.max_per_address!r}"
@@ -45,6 +54,26 @@ class Limits:
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in dataclasses.fields(cls)]
+
+    def peer(self, remote: str | None, forwarded_for: Sequence[str] = ()) -> str | None:
+        """The peer's address: `remote` (the connection's), or, when that is a trusted proxy, the
+        nearest address in its X-Forwarded-For headers (`forwarded_for`, in order) that is not one of
+        the trusted proxies (the ones before it could have been written by the peer itself)."""
+        networks = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
+
+        def trusted(address: str | None) -> bool:
+            ip = _ip(address)
+            return ip is not None and any(ip in n for n in networks)
+
+        if not trusted(remote):
+            return remote
+        hops = [h.strip() for header in forwarded_for for h in header.split(",") if h.strip()]
+        for hop in reversed(hops):
+            if _ip(hop) is None:  # not an address: the chain cannot be followed past it
+                return remote
+            if not trusted(hop):
+                return str(_ip(hop))
+        return str(_ip(hops[0])) if hops else remote  # every hop trusted: the first one is the peer
 
 
 def fit_side(width: int, height: int, side: int) -> tuple[int, int]:

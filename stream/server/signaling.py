@@ -84,7 +84,8 @@ async def offer(server: StreamServer, request: web.Request) -> web.Response:
         )
     except ConfigError as exc:
         return error(400, f"bad settings: {exc}")
-    started = await start_session(server, body["sdp"], config, stamp=stamped, address=request.remote)
+    address = peer_address(server, request)
+    started = await start_session(server, body["sdp"], config, stamp=stamped, address=address)
     if isinstance(started, web.Response):
         return started
     answer = started.pc.localDescription
@@ -144,14 +145,21 @@ async def start_session(
     server.worker.add(session)
     server.published = session
     logger.info(
-        "%s session %s joined (%d of %d places): %s",
+        "%s session %s from %s joined (%d of %d places): %s",
         kind,
         session.id,
+        address,
         len(server.sessions),
         server.max_sessions,
         describe(config),
     )
     return session
+
+
+def peer_address(server: StreamServer, request: web.Request) -> str | None:
+    """The address of the peer behind a request: its connection's, or, from a trusted proxy
+    (--trusted-proxy), the one its X-Forwarded-For names (Limits.peer)."""
+    return server.limits.peer(request.remote, request.headers.getall("X-Forwarded-For", []))
 
 
 def describe(config: StreamConfig) -> str:
@@ -182,7 +190,7 @@ async def whip(server: StreamServer, request: web.Request) -> web.Response:
     if stamped not in ("0", "1"):
         return error(400, f"stamp must be 0 or 1, got {stamped!r}", cors=True)
     started = await start_session(
-        server, sdp, server.config, kind="whip", stamp=stamped == "1", address=request.remote
+        server, sdp, server.config, kind="whip", stamp=stamped == "1", address=peer_address(server, request)
     )
     if isinstance(started, web.Response):
         started.headers.update(CORS)
