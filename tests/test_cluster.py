@@ -173,16 +173,26 @@ def test_the_front_caps_the_sessions_of_one_address(workers: Any) -> None:
                     else:
                         assert "already holds 2 session(s)" in body["error"], body
                 await clients[3].connect(url, peer="198.51.100.9")  # another address is not refused
-                assert sorted(str(a) for a in front.addresses.values()) == [
-                    "198.51.100.9",
-                    *["203.0.113.7"] * 2,
-                ]
+                expected = ["198.51.100.9", *["203.0.113.7"] * 2]
+                assert sorted(str(a) for a in front.addresses.values()) == expected
+                # each worker keeps its sessions' peers (named by the front) and reports them
+                await until(lambda: sorted(map(str, reported(pool).values())) == expected, timeout=30)
+                # a session the front did not place itself (taken back from a worker's status) still counts
+                front.addresses.clear()
+                clients.append(Client([INPUT]))
+                status, body = await clients[-1].offer(url, peer="203.0.113.7")
+                assert status == 429 and "already holds 2 session(s)" in body["error"], body
             finally:
                 for client in clients:
                     await client.close()
             await until(lambda: not front.pool.routes, timeout=30)
 
     asyncio.run(main())
+
+
+def reported(pool: WorkerPool) -> dict[str, Any]:
+    """Session -> peer address, as the workers' last statuses report them."""
+    return {s: a for view in pool.views.values() for s, a in view.status.get("addresses", {}).items()}
 
 
 async def whip_session(url: str) -> tuple[RTCPeerConnection, str]:

@@ -125,8 +125,11 @@ class StreamWorker:
             max_viewers=settings.max_viewers,
             sizes=sizes,
             batching=settings.batching,
-            # every offer comes from the front, which caps the sessions of each peer address itself
-            limits=dataclasses.replace(settings.limits or Limits(), max_per_address=0),
+            # every offer comes from the front, which caps the sessions of each peer address itself and
+            # names the peer in X-Forwarded-For (`request`): kept with the session, reported in `status`
+            limits=dataclasses.replace(
+                settings.limits or Limits(), max_per_address=0, trusted_proxies=("127.0.0.1", "::1")
+            ),
         )
         self.thread = WorkerThread(self.server, settings.rtc_ports).__enter__()
         self.client: aiohttp.ClientSession | None = None
@@ -141,15 +144,18 @@ class StreamWorker:
         return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coroutine, self.thread.loop))
 
     async def request(
-        self, method: str, path: str, query: str, content_type: str, body: bytes
+        self, method: str, path: str, query: str, content_type: str, body: bytes, peer: str | None = None
     ) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP request from the front to this worker's server: (status, headers, body)."""
+        """One HTTP request from the front to this worker's server: (status, headers, body); `peer`: the
+        address of the peer the front got it from."""
         if self.client is None:
             self.client = aiohttp.ClientSession()
         url = URL(f"http://127.0.0.1:{self.thread.port}{path}" + (f"?{query}" if query else ""), encoded=True)
         headers = {"Authorization": f"Bearer {self.secret}"}
         if content_type:
             headers["Content-Type"] = content_type
+        if peer:
+            headers["X-Forwarded-For"] = peer
         started = time.perf_counter()
         async with self.client.request(method, url, headers=headers, data=body or None) as response:
             data = await response.read()
@@ -187,6 +193,7 @@ class StreamWorker:
             "available": problem is None,
             "problem": problem,
             "sessions": list(server.sessions),
+            "addresses": {sid: session.address for sid, session in server.sessions.items()},  # their peers
             "max_sessions": server.max_sessions,
             "over_budget": over,  # sessions whose p95 frame time is over the budget now
             "viewers": len(server.viewers),

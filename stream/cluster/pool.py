@@ -191,12 +191,14 @@ class WorkerPool:
         query: str = "",
         content_type: str = "",
         body: bytes = b"",
+        peer: str | None = None,
     ) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP request to a worker's server: (status, headers, body); WorkerLost if it cannot answer."""
+        """One HTTP request to a worker's server (from the peer at `peer`): (status, headers, body);
+        WorkerLost if it cannot answer."""
         handle = self.handles[view.name]
         try:
             return await asyncio.wait_for(
-                call(handle.request, method, path, query, content_type, body), RELAY_TIMEOUT
+                call(handle.request, method, path, query, content_type, body, peer), RELAY_TIMEOUT
             )
         except RayActorError as exc:
             self.lost(view, exc)

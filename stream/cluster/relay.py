@@ -40,8 +40,11 @@ async def place(front: ClusterFront, request: web.Request, *, kind: str) -> web.
     address = peer_address(front, request)
     for gone in [s for s in front.addresses if s not in front.pool.routes]:
         del front.addresses[gone]
-    # offers still being placed count too: a burst from one address cannot slip past the cap
-    held = [*front.addresses.values(), *front.placing]
+    # the workers' statuses name each session's peer, including sessions the front did not place itself
+    # (taken back after a worker could not be reached); offers still being placed count too
+    known = {s: a for view in front.pool.views.values() for s, a in view.status.get("addresses", {}).items()}
+    known.update(front.addresses)
+    held = [a for s, a in known.items() if s in front.pool.routes] + front.placing
     crowded = address_full(address, held, front.limits.max_per_address)
     if crowded is not None:
         logger.info("%s session from %s refused: %s", kind, address, crowded)
@@ -65,8 +68,9 @@ async def place_on_a_worker(
         tried.add(worker.name)
         worker.sessions += 1  # held until its next status: offers arriving meanwhile go elsewhere
         try:
+            query = request.rel_url.raw_query_string
             status, headers, data = await front.pool.relay(
-                worker, "POST", request.path, request.rel_url.raw_query_string, request.content_type, body
+                worker, "POST", request.path, query, request.content_type, body, address
             )
         except WorkerLost as exc:
             logger.warning("%s session not placed on %s: %s", kind, worker.name, exc)
