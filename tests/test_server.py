@@ -136,12 +136,14 @@ class Client:
         token: str | None = None,
         settings: dict[str, Any] | None = None,
         peer: str | None = None,
+        headers: dict[str, str] | None = None,
         **extra: Any,
     ) -> tuple[int, dict[str, Any]]:
-        """POST /offer (as if from the address `peer`, with running(..., peers=True)): status, answer."""
+        """POST /offer (as if from the address `peer`, with running(..., peers=True); with `headers`
+        besides): status, answer."""
         await self.pc.setLocalDescription(await self.pc.createOffer())
         body = {"sdp": self.pc.localDescription.sdp, "type": "offer", "settings": settings or {}, **extra}
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        headers = {**(headers or {}), **({"Authorization": f"Bearer {token}"} if token else {})}
         if peer:
             headers[PEER] = peer
         async with (
@@ -275,7 +277,7 @@ def test_one_address_holds_at_most_max_per_address_sessions(
                 await other.connect(url, peer="198.51.100.9")  # another address is not refused
                 await local.connect(url)  # nor is this machine (127.0.0.1)
                 assert len(server.sessions) == 4
-                assert sorted(str(s.address) for s in server.sessions.values()).count("203.0.113.7") == 2
+                assert [str(s.address) for s in server.sessions.values()].count("203.0.113.7") == 2
                 await first.close()
                 await until(lambda: first.session not in server.sessions, timeout=30)
                 await again.connect(url, peer="203.0.113.7")
@@ -296,14 +298,7 @@ def test_behind_a_trusted_proxy_the_cap_counts_the_forwarded_address(
     async def offer(url: str, forwarded: str, peer: str | None = None) -> tuple[int, dict[str, Any]]:
         client = Client([INPUT])
         try:
-            await client.pc.setLocalDescription(await client.pc.createOffer())
-            body = {"sdp": client.pc.localDescription.sdp, "type": "offer"}
-            headers = {"X-Forwarded-For": forwarded, **({PEER: peer} if peer else {})}
-            async with (
-                aiohttp.ClientSession() as http,
-                http.post(url + "/offer", json=body, headers=headers) as r,
-            ):
-                return r.status, await r.json()
+            return await client.offer(url, peer=peer, headers={"X-Forwarded-For": forwarded})
         finally:
             await client.close()
 

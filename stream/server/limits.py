@@ -68,12 +68,13 @@ class Limits:
         if not trusted(remote):
             return remote
         hops = [h.strip() for header in forwarded_for for h in header.split(",") if h.strip()]
-        for hop in reversed(hops):
-            if _ip(hop) is None:  # not an address: the chain cannot be followed past it
+        ips = [_ip(h) for h in hops]
+        for ip in reversed(ips):
+            if ip is None:  # not an address: the chain cannot be followed past it
                 return remote
-            if not trusted(hop):
-                return str(_ip(hop))
-        return str(_ip(hops[0])) if hops else remote  # every hop trusted: the first one is the peer
+            if not any(ip in n for n in networks):
+                return str(ip)
+        return str(ips[0]) if ips else remote  # every hop trusted: the first one is the peer
 
 
 def fit_side(width: int, height: int, side: int) -> tuple[int, int]:
