@@ -83,6 +83,11 @@ class StreamDenoiser:
     def vae_factor(self) -> int:
         return self.engine.vae_factor
 
+    @property
+    def last_latent(self) -> torch.Tensor | None:
+        """The last frame's denoised latent (1, C, h, w), the one its output was decoded from."""
+        return self._state.prev_latent
+
     # ------------------------------------------------------------------ live settings
     def prepare(self, prompt: str, negative_prompt: str = "") -> None:
         """Encode and cache the prompt embeddings; a no-op when the prompt has not changed."""
