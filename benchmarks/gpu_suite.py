@@ -18,7 +18,8 @@ and the suite goes on):
 - streamdiffusion: StreamDiffusion 0.1.1 itself in a subprocess (benchmarks/gpu/streamdiffusion_run.py);
 - features: Stream Batch and residual CFG on sd-turbo B (CUDA graphs): FPS, p50/p95 of a call and UNet
   calls per frame of each (Stream Batch's output comes steps-1 frames after its input);
-- temporal: following the motion on sd-turbo B: warp error and change on a 4 px/frame pan, a zoom and a
+- temporal: following the motion on sd-turbo B: warp error, change and the warp error if stuck (each
+  output against itself moved: under it, the output moves with the content) on a 4 px/frame pan, a zoom and a
   still clip, and the time a frame, for no feedback, feedback in place, warped feedback and noise, and
   the same at the denoising steps (benchmarks/temporal.py's measures);
 - compile: torch.compile (default) + CUDA graphs on A, with its compile time (CUDA only);
@@ -306,7 +307,7 @@ class Suite:
         curves, times, _ = bench.measure_clips(denoisers, clips, 1 if self.quick else 3)
         result: dict[str, Any] = {"model": self._config("sd-turbo", mode).model, "mode": mode.name}
         for name, measures in curves.items():
-            kept = ("change",) if name == bench.STILL else ("warp_error", "change")
+            kept = ("change",) if name == bench.STILL else ("warp_error", "change", "stuck")
             result[name] = {m: {k: round(mean_of(v), 3) for k, v in measures[m].items()} for m in kept}
         none = float(np.percentile(times["no_feedback"], 50))
         result["p50_ms"] = {s: round(float(np.percentile(t, 50)), 2) for s, t in times.items()}

@@ -32,6 +32,10 @@ Measures, per clip and setting, L1 on 0-255, averaged over the clip:
 - contrast: mean |value - the frame's mean colour|. Blending outputs whose details do not line up
   dulls them, and a duller output has a lower warp error and change by itself (a grey one is perfectly
   steady): `warp/contrast` is the warp error in units of the output's own contrast.
+- if stuck: each output frame against itself warped along the same flow, the warp error it would
+  have had if the previous output had been the same picture: what an output tied to the screen
+  scores. `warp/stuck` under 1: the output moves with the content; 1 or more: it stays on the screen
+  (its warp error is then low only where its picture is uniform along the motion).
 - time: wall-clock ms a frame (p50, p95) per setting over all clips, and the time each adds to
   no_feedback's p50.
 
@@ -68,7 +72,7 @@ from benchmarks.common import (
     usage_error,
 )
 from benchmarks.temporal_figures import STILL, plot, save_strip
-from benchmarks.temporal_measures import contrasts, frame_changes, input_warps, warp_errors
+from benchmarks.temporal_measures import contrasts, frame_changes, input_warps, stuck_errors, warp_errors
 from benchmarks.temporal_report import build_report, print_table
 
 PROG = "temporal"
@@ -264,6 +268,9 @@ def measure_clips(
             strip = {"input": frames, **outputs}
         if name != STILL:
             curves[name]["masked"] = {"input": [1.0 - float(w.valid.mean()) for w in warps]}
+            curves[name]["stuck"] = {
+                k: stuck_errors(v, warps) for k, v in {"input": frames, **outputs}.items()
+            }
     return curves, times, strip
 
 

@@ -60,6 +60,13 @@ def warp_errors(frames: Sequence[np.ndarray], warps: Sequence[Warp]) -> list[flo
     return errors
 
 
+def stuck_errors(frames: Sequence[np.ndarray], warps: Sequence[Warp]) -> list[float]:
+    """Per pair: the warp error frame t would have if frame t-1 had been the same picture, i.e. frame t
+    against itself warped: what an output tied to the screen scores. Below it, an output moves with
+    the content; at it, it does no better than standing still."""
+    return [warp_errors([frames[t], frames[t]], [warp])[0] for t, warp in enumerate(warps, start=1)]
+
+
 def frame_changes(frames: Sequence[np.ndarray]) -> list[float]:
     """Per pair: mean |frame_t - frame_t-1| on 0-255."""
     return [

@@ -17,6 +17,8 @@ MEASURES = {
     "change": "change",
     "contrast": "contrast",
     "warp_per_contrast": "warp/contrast",
+    "stuck": "if stuck",
+    "warp_per_stuck": "warp/stuck",
 }
 
 
@@ -42,6 +44,11 @@ def build_report(
         if name != STILL:
             entry["warp_per_contrast"] = {
                 k: r(entry["warp_error"][k] / c) if c else float("nan") for k, c in entry["contrast"].items()
+            }
+        if "stuck" in measures:
+            entry["stuck"] = {k: r(mean_of(v)) for k, v in measures["stuck"].items()}
+            entry["warp_per_stuck"] = {
+                k: r(entry["warp_error"][k] / v) if v else float("nan") for k, v in entry["stuck"].items()
             }
         if "masked" in measures:
             entry["masked_fraction"] = r(mean_of(measures["masked"]["input"]))
@@ -146,7 +153,7 @@ def print_table(r: dict[str, Any]) -> None:
         measures = (
             ("change", "contrast")
             if name == STILL
-            else ("warp_error", "change", "contrast", "warp_per_contrast")
+            else ("warp_error", "change", "contrast", "warp_per_contrast", "stuck", "warp_per_stuck")
         )
         for measure in measures:
             values = entry[measure]

@@ -190,6 +190,14 @@ def test_temporal_quick_run(tiny_model_dir: Path, tmp_path: Path, capsys: pytest
         pan["warp_error"]["both"] / pan["warp_error"]["no_feedback"], abs=1e-3
     )
     assert 0 <= report["clips"]["pan"]["masked_fraction"] < 0.5
+    # `if stuck`: each frame against itself moved; the panned input moves, so standing still scores far worse
+    assert "stuck" not in report["clips"]["still"] and set(pan["stuck"]) == {"input", *settings}
+    assert pan["stuck"]["input"] > 5 * pan["warp_error"]["input"] + 5
+    assert pan["warp_per_stuck"]["input"] < 0.2
+    assert pan["warp_per_stuck"]["both"] == pytest.approx(
+        pan["warp_error"]["both"] / pan["stuck"]["both"], abs=1e-3
+    )
+    assert "if stuck" in out
     assert 1.0 < report["clips"]["still"]["change"]["input"] < 3.5  # the camera noise (sigma 2)
     assert report["clips"]["pan"]["warp_error"]["input"] < 5.0  # the flow explains the panned input
     # A still scene: warped noise does not move, so it is exactly fixed noise.
@@ -252,3 +260,15 @@ def test_help_explains_the_flags(capsys: pytest.CaptureFixture) -> None:
         out = capsys.readouterr().out
         for word in words:
             assert word in out
+
+
+def test_stuck_error_is_a_frame_against_itself_moved() -> None:
+    clip = photo_clip("pan", 3, (48, 64), step=4)
+    warps = temporal_bench.input_warps(clip)
+    stuck = temporal_bench.stuck_errors(clip, warps)
+    assert stuck == [temporal_bench.warp_errors([f, f], [w])[0] for f, w in zip(clip[1:], warps, strict=True)]
+    frozen = [clip[0]] * 3  # a picture that stays on the screen while the content moves
+    assert temporal_bench.warp_errors(frozen, warps) == pytest.approx(
+        temporal_bench.stuck_errors(frozen, warps), rel=1e-6
+    )
+    assert min(stuck) > 5 * max(temporal_bench.warp_errors(clip, warps))

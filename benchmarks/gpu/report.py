@@ -151,6 +151,11 @@ def summary_lines(record: dict[str, Any]) -> dict[str, str]:
                 f"{s} {v / error['no_feedback']:.2f}x" for s, v in error.items() if s != "input"
             )
             out[f"temporal {clip} warp error of no feedback"] = ratios
+        stuck = (temporal.get(clip) or {}).get("stuck") or {}
+        if stuck:
+            out[f"temporal {clip} warp/stuck (under 1: follows the motion)"] = ", ".join(
+                f"{s} {error[s] / v:.2f}" for s, v in stuck.items() if v and s in error
+            )
     if temporal.get("added_pct"):
         out["temporal added time a frame"] = ", ".join(
             f"{s} {v:+.1f}%" for s, v in temporal["added_pct"].items()
