@@ -179,6 +179,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model", default="tiny", help="anything StreamDenoiser loads (default: tiny)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, else float32")
+    parser.add_argument(
+        "--vae",
+        default="auto",
+        help="the autoencoder: `auto` (the model's own, default), `tiny` (TAESD-shaped AutoencoderTiny) "
+        "or a folder or hub id, as `stream serve --vae`: to compare how well each lets the output follow "
+        "the motion",
+    )
     parser.add_argument("--width", type=int, default=256, help="canvas width in px (default 256)")
     parser.add_argument("--height", type=int, default=256, help="canvas height in px (default 256)")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps of the frame (default 4)")
@@ -274,6 +281,7 @@ def load(args: argparse.Namespace) -> Any:
     try:
         config = StreamConfig(
             model=args.model,
+            vae=args.vae,
             device=args.device,
             dtype=args.dtype,
             width=args.width,

@@ -118,6 +118,13 @@ def build_parser() -> ArgumentParser:
     )
     add_common_arguments(parser, frames=48, warmup=2)
     parser.add_argument(
+        "--vae",
+        default="auto",
+        help="the autoencoder: `auto` (the model's own, default), `tiny` (TAESD-shaped AutoencoderTiny) "
+        "or a folder or hub id, as `stream serve --vae`: to compare how well each lets the output follow "
+        "the motion",
+    )
+    parser.add_argument(
         "--feedback",
         type=float,
         default=0.5,
@@ -155,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_arguments(args)
-        config = stream_config(args, noise="fixed", latent_feedback=0.0)
+        config = stream_config(args, noise="fixed", latent_feedback=0.0, vae=args.vae)
         check_plot_target(args.plot)
         if args.strip and not Path(args.strip).expanduser().resolve().parent.is_dir():
             raise UsageError(f"--strip {args.strip}: its folder does not exist")

@@ -242,6 +242,7 @@ def test_temporal_zoom_motion_strength_and_a_video_file(
         (["--clip", "/no/such/video.mp4"], ("--clip", "cannot read video")),
         (["--motion-strength", "1"], ("--motion-strength",)),
         (["--strength", "2"], ("strength",)),
+        (["--vae", "/no/such/vae"], ("could not load vae", "--vae auto")),
     ],
 )
 def test_temporal_bad_input(extra: list[str], words: tuple[str, ...], capsys: pytest.CaptureFixture) -> None:

@@ -135,3 +135,13 @@ def test_help_explains_the_measure(capsys: pytest.CaptureFixture) -> None:
     out = capsys.readouterr().out
     for word in ("--motions", "best latent", "python -m benchmarks.decoder_motion"):
         assert word in out
+
+
+def test_vae_flag_swaps_the_autoencoder(tiny_model_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """`--vae tiny` puts a TAESD-shaped autoencoder (a latent pixel of 8 px) under the built-in model."""
+    argv = [*QUICK, "--model", "tiny", "--vae", "tiny", "--motions", "pan:cell", "--iters", "2"]
+    assert bench.main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["latent_px"] == 8 and report["motions"][0]["amount"] == 8.0
+    assert bench.main([*QUICK, "--model", str(tiny_model_dir), "--vae", "/no/such/vae"]) == 2
+    assert "could not load vae" in capsys.readouterr().err
