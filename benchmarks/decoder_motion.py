@@ -77,8 +77,14 @@ class Motion:
         return cv2.getRotationMatrix2D(((w - 1) / 2.0, (h - 1) / 2.0), 0.0, 1.0 + self.amount)
 
 
-def parse_motions(text: str, cell: int) -> list[Motion]:
-    """`pan:N,pan:cell,zoom:R` -> motions; `cell` is the model's latent pixel in canvas px."""
+def margin_px(size: tuple[int, int], cell: int) -> int:
+    """The border left out of the measure: two latent pixels, at most a quarter of the shorter side."""
+    return min(2 * cell, min(size) // 4)
+
+
+def parse_motions(text: str, cell: int, most_pan: int) -> list[Motion]:
+    """`pan:N,pan:cell,zoom:R` -> motions; `cell` is the model's latent pixel in canvas px; a pan may
+    move at most `most_pan` px (the margin: a longer one would bring in picture from past the edge)."""
     motions = []
     for item in (part.strip() for part in text.split(",")):
         kind, _, value = item.partition(":")
@@ -88,8 +94,10 @@ def parse_motions(text: str, cell: int) -> list[Motion]:
             amount = float(cell) if (kind, value) == ("pan", "cell") else float(value)
         except ValueError:
             raise UsageError(f"--motions: {item!r} needs a number after the colon (or pan:cell)") from None
-        if not (0.0 < amount <= (4.0 * cell if kind == "pan" else 0.5)):
-            limit = f"(0, {4 * cell}] px (four latent pixels)" if kind == "pan" else "(0, 0.5]"
+        if not (0.0 < amount <= (most_pan if kind == "pan" else 0.5)):
+            limit = (
+                f"(0, {most_pan}] px (the margin left out of the measure)" if kind == "pan" else "(0, 0.5]"
+            )
             raise UsageError(f"--motions: {item!r} is out of range: a {kind} takes {limit}")
         motions.append(Motion(kind, amount))
     return motions
@@ -145,16 +153,13 @@ def measure_motion(
     optimizer = torch.optim.Adam([fitted], lr=lr)
     for _ in range(iters):
         optimizer.zero_grad()
-        loss = (decode(fitted) - target).abs().mean()
+        loss = (decode(fitted)[inside] - target[inside]).abs().mean()  # scored where it is measured
         loss.backward()  # type: ignore[no-untyped-call]
         optimizer.step()
     with torch.no_grad():
-        unmoved = float(
-            np.abs(output.astype(np.float32) - moved)[margin : h - margin, margin : w - margin].mean()
-        )
-        by_warp, best = error(decode(warped)), error(decode(fitted))
+        unmoved, by_warp, best = error(shown), error(decode(warped)), error(decode(fitted))
     corner = np.array([margin, margin, 1.0])  # the inside's farthest-moving point
-    shift = float(np.abs(matrix @ corner - corner[:2]).max())
+    shift = float(np.linalg.norm(matrix @ corner - corner[:2]))
     return {
         "motion": motion.label,
         "kind": motion.kind,
@@ -216,7 +221,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--iters must be 1 or more and --lr above 0, got {args.iters} and {args.lr}")
         denoiser = load(args)
         cell = denoiser.vae_factor
-        motions = parse_motions(args.motions, cell)
+        margin = margin_px((args.height, args.width), cell)
+        motions = parse_motions(args.motions, cell, margin)
     except UsageError as exc:
         return usage_error(PROG, str(exc))
     except SystemExit as exc:  # --help
@@ -226,7 +232,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = denoiser(frame)
     z = denoiser.last_latent
     assert z is not None
-    margin = min(2 * cell, min(args.height, args.width) // 4)
     engine = denoiser.engine
     note = model_note(engine.name, engine.placeholder)
     dtype = str(engine.vae_dtype).removeprefix("torch.")

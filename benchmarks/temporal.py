@@ -32,10 +32,12 @@ Measures, per clip and setting, L1 on 0-255, averaged over the clip:
 - contrast: mean |value - the frame's mean colour|. Blending outputs whose details do not line up
   dulls them, and a duller output has a lower warp error and change by itself (a grey one is perfectly
   steady): `warp/contrast` is the warp error in units of the output's own contrast.
-- if stuck: each output frame against itself warped along the same flow, the warp error it would
-  have had if the previous output had been the same picture: what an output tied to the screen
-  scores. `warp/stuck` under 1: the output moves with the content; 1 or more: it stays on the screen
-  (its warp error is then low only where its picture is uniform along the motion).
+- if stuck: each output frame against itself warped along the same flow: the warp error the frame
+  would have had if the previous output had been the same picture, standing still. `warp/stuck`
+  under 1: the output moved with the content better than a still picture would; 1 or more: no better
+  (it stayed on the screen, moved in jumps, or flickered). Read it where the whole frame moves (pan,
+  zoom): where most of it stands still (object), that part scores 0 if stuck and any flicker there
+  counts against the output.
 - time: wall-clock ms a frame (p50, p95) per setting over all clips, and the time each adds to
   no_feedback's p50.
 
