@@ -123,6 +123,17 @@ def add_common_arguments(parser: argparse.ArgumentParser, frames: int, warmup: i
     )
 
 
+def add_vae_argument(parser: argparse.ArgumentParser) -> None:
+    """`--vae`, for the benchmarks that compare how autoencoders let the output follow the motion."""
+    parser.add_argument(
+        "--vae",
+        default="auto",
+        help="the autoencoder: `auto` (the model's own, default), `tiny` (TAESD-shaped AutoencoderTiny) "
+        "or a folder or hub id, as `stream serve --vae`: to compare how well each lets the output follow "
+        "the motion",
+    )
+
+
 def stream_config(args: argparse.Namespace, **changes: Any) -> Any:
     """A validated StreamConfig from the common flags; a bad value becomes a UsageError."""
     from stream.config import ConfigError, StreamConfig

@@ -47,6 +47,7 @@ from benchmarks.common import (
     PHOTOS,
     ArgumentParser,
     UsageError,
+    add_vae_argument,
     command_line,
     environment,
     model_note,
@@ -184,13 +185,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--model", default="tiny", help="anything StreamDenoiser loads (default: tiny)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda:N")
     parser.add_argument("--dtype", default="auto", choices=DTYPES, help="auto: float16 on CUDA, else float32")
-    parser.add_argument(
-        "--vae",
-        default="auto",
-        help="the autoencoder: `auto` (the model's own, default), `tiny` (TAESD-shaped AutoencoderTiny) "
-        "or a folder or hub id, as `stream serve --vae`: to compare how well each lets the output follow "
-        "the motion",
-    )
+    add_vae_argument(parser)
     parser.add_argument("--width", type=int, default=256, help="canvas width in px (default 256)")
     parser.add_argument("--height", type=int, default=256, help="canvas height in px (default 256)")
     parser.add_argument("--steps", type=int, default=4, help="denoising steps of the frame (default 4)")

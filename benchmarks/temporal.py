@@ -67,6 +67,7 @@ from benchmarks.common import (
     ArgumentParser,
     UsageError,
     add_common_arguments,
+    add_vae_argument,
     check_plot_target,
     command_line,
     photo_clip,
@@ -119,13 +120,7 @@ def build_parser() -> ArgumentParser:
         prog=f"python -m {MODULE}", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_common_arguments(parser, frames=48, warmup=2)
-    parser.add_argument(
-        "--vae",
-        default="auto",
-        help="the autoencoder: `auto` (the model's own, default), `tiny` (TAESD-shaped AutoencoderTiny) "
-        "or a folder or hub id, as `stream serve --vae`: to compare how well each lets the output follow "
-        "the motion",
-    )
+    add_vae_argument(parser)
     parser.add_argument(
         "--feedback",
         type=float,
