@@ -493,31 +493,35 @@ def test_deeply_nested_json_gets_400(h: Harness) -> None:
 
 
 # ---------------------------------------------------------------------- 8. slow and truncated requests
-async def drip(host: str, port: int, started: float) -> float:
-    """Send a request's headers 1 byte every 0.25 s; the seconds until the server closes the connection."""
+async def drip(host: str, port: int, started: float) -> tuple[float, bytes]:
+    """Send a request's headers 1 byte every 0.25 s; the seconds until the server closes the connection,
+    and what it answered."""
     reader, writer = await asyncio.open_connection(host, port)
     request = b"POST /offer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Pad: " + b"a" * 200
+    answer = b""
     try:
         for byte in request:
             writer.write(bytes([byte]))
             await writer.drain()
             try:
-                if await asyncio.wait_for(reader.read(1024), 0.25) == b"":
-                    break
+                got = await asyncio.wait_for(reader.read(1024), 0.25)
             except asyncio.TimeoutError:
                 continue
+            if got == b"":
+                break
+            answer += got
     except ConnectionError:
         pass
     finally:
         writer.close()
-    return time.monotonic() - started
+    return time.monotonic() - started, answer
 
 
 def test_slow_and_truncated_requests_are_bounded(h: Harness) -> None:
     alone = h.rate()
     host, port = "127.0.0.1", int(h.url.rsplit(":", 1)[1])
 
-    async def attack() -> tuple[list[float], bytes, float, int]:
+    async def attack() -> tuple[list[tuple[float, bytes]], bytes, float, int]:
         started = time.monotonic()
         held = await asyncio.gather(*(drip(host, port, started) for _ in range(12)))
         # A Content-Length longer than the body: 408 once --read-timeout (2 s) has passed.
@@ -533,8 +537,14 @@ def test_slow_and_truncated_requests_are_bounded(h: Harness) -> None:
         return sorted(held), answer, waited, status
 
     (held, answer, waited, status), during = h.under(attack)
-    # --max-reading 8: four of the twelve are closed at once; the rest when --read-timeout (2 s) is up.
-    assert max(held[:4]) < 1.5 and max(held) < 8, held
+    # --max-reading 8: four of the twelve are closed at once; the rest get 408 when --read-timeout (2 s)
+    # is up, and are closed.
+    seconds = [s for s, _ in held]
+    assert max(seconds[:4]) < 1.5 and max(seconds) < 8, held
+    assert all(a == b"" for _, a in held[:4]), held
+    for _, said in held[4:]:
+        assert said.startswith(b"HTTP/1.1 408") and b"headers were not sent whole within 2 s" in said, said
+        assert b"Connection: close" in said
     assert answer.startswith(b"HTTP/1.1 408") and b"not sent whole within 2 s" in answer, answer
     assert 1.5 < waited < 8, waited
     assert status == 200

@@ -1,12 +1,13 @@
-"""Listening with a bound on slow clients: a request must arrive whole within `read_timeout` (headers:
-the connection is closed; body: 408), and at most `max_reading` connections at once may be still
-sending their first request (more are closed at once). `serve` runs the app on given sockets until
-Ctrl-C or SIGTERM, as aiohttp's `run_app` does."""
+"""Listening with a bound on slow clients: a request must arrive whole within `read_timeout` (else 408
+and the connection is closed, whether its headers or its body did not come), and at most
+`max_reading` connections at once may be still sending their first request (more are closed at
+once). `serve` runs the app on given sockets until Ctrl-C or SIGTERM, as aiohttp's `run_app` does."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -57,6 +58,22 @@ class ReadingGuard:
             handler.transport.close()
             return
         self.reading.add(handler)
+        asyncio.get_running_loop().call_later(self.timeout, self._expire, handler)
+
+    def _expire(self, handler: RequestHandler) -> None:
+        """A connection whose first request's headers have not all come within the time: 408, closed.
+        (One whose headers came has left `reading`: its body, if late, gets its 408 from `read`.)"""
+        transport = handler.transport
+        if handler not in self.reading or transport is None or transport.is_closing():
+            return
+        self.reading.discard(handler)
+        body = json.dumps({"error": f"the request headers were not sent whole within {self.timeout:g} s"})
+        head = (
+            "HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json; charset=utf-8\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\nX-Content-Type-Options: nosniff\r\n\r\n"
+        )
+        transport.write((head + body).encode())
+        transport.close()  # after what is buffered is sent
 
     async def read(self, request: web.Request) -> web.Response | None:
         """Read the request's body within the time (an error response when it does not come)."""
@@ -80,8 +97,9 @@ async def _serve(
     server: StreamServer, sockets: list[socket.socket], on_listening: Callable[[], None]
 ) -> None:
     limits = server.limits
-    # The keep-alive timer also closes a connection whose request headers have not come in time.
-    runner = web.AppRunner(server.app(), handle_signals=True, keepalive_timeout=limits.read_timeout)
+    # The keep-alive timer closes a connection idle between requests; a little later than the reading
+    # guard's 408 to a first request whose headers have not come in time, so that the 408 goes first.
+    runner = web.AppRunner(server.app(), handle_signals=True, keepalive_timeout=limits.read_timeout + 1.0)
     await runner.setup()
     servers: list[asyncio.AbstractServer] = []
     try:
