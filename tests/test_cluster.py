@@ -25,6 +25,7 @@ from stream.cluster.pool import PREFIX, WorkerPool, call, launch
 from stream.config import StreamConfig
 from stream.server import ServerThread
 from tests.conftest import pan_clip
+from tests.test_serve_startup import free_port
 from tests.test_server import Client, ClipTrack, running, until
 
 pytestmark = pytest.mark.timeout(300)
@@ -325,6 +326,41 @@ def test_cluster_arguments_are_checked_before_starting_anything(
     assert main(["serve", "--model", "tiny", *extra]) == 2
     err = capsys.readouterr().err
     assert words in err and err.count("\n") == 1, err
+
+
+def test_the_front_is_served_with_the_slow_client_bounds(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The front listens as `stream serve` alone does (listen.serve: --read-timeout's 408, --max-reading),
+    not with aiohttp's defaults; Ray itself is not started here."""
+    from stream.server import listen
+
+    served: dict[str, Any] = {}
+
+    def serve(server: Any, sockets: list[Any], on_listening: Any) -> None:
+        served.update(server=server, sockets=len(sockets))
+        on_listening()
+
+    monkeypatch.setattr(listen, "serve", serve)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: None)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {})
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    argv = [
+        "serve",
+        "--cluster",
+        "ray:local",
+        "--workers",
+        "1",
+        "--model",
+        "tiny",
+        "--port",
+        str(free_port()),
+    ]
+    assert main([*argv, "--read-timeout", "3", "--max-reading", "5"]) == 0
+    front = served["server"]
+    assert isinstance(front, ClusterFront) and served["sockets"] >= 1
+    assert front.limits.read_timeout == 3 and front.limits.max_reading == 5
+    assert "serving the front of a Ray cluster" in capsys.readouterr().err
 
 
 def test_placement_takes_the_least_loaded_ready_worker_and_says_why_when_none() -> None:

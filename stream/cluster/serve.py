@@ -37,9 +37,8 @@ def ray_address(text: str) -> str | None:
 
 
 def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig, limits: Limits) -> int:
-    from aiohttp import web
-
     from stream.serve import bind, say, server_options, url_host
+    from stream.server import listen
 
     # 1. check the cluster's arguments
     if args.cluster is None:
@@ -104,11 +103,11 @@ def cmd_serve_cluster(args: argparse.Namespace, config: StreamConfig, limits: Li
         count = f"{workers} worker(s)" if workers is not None else f"one worker per GPU ({gpus} now)"
         where = "GPU" if gpu else "CPU"
 
-        def announce(_: str) -> None:
+        def announce() -> None:
             say(f"serving the front of a Ray cluster on {url}: {count} on {where} loading {config.model}")
             say(f"OBS: WHIP server {base}/whip, browser source {base}/view; workers: {base}/health")
 
-        web.run_app(front.app(), sock=sockets, print=announce)
+        listen.serve(front, sockets, announce)  # with the slow-client bounds, as `stream serve` alone
     finally:
         for sock in sockets:
             sock.close()
