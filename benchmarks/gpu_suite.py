@@ -19,9 +19,10 @@ and the suite goes on):
 - features: Stream Batch and residual CFG on sd-turbo B (CUDA graphs): FPS, p50/p95 of a call and UNet
   calls per frame of each (Stream Batch's output comes steps-1 frames after its input);
 - temporal: following the motion on sd-turbo B: warp error, change and the warp error if stuck (each
-  output against itself moved: under it, the output moves with the content) on a 4 px/frame pan, a zoom and a
-  still clip, and the time a frame, for no feedback, feedback in place, warped feedback and noise, and
-  the same at the denoising steps (benchmarks/temporal.py's measures);
+  output against itself moved: under it, the output moved with the content better than a still
+  picture would) on a 4 px/frame pan, a zoom and a still clip, and the time a frame, for no feedback,
+  feedback in place, warped feedback and noise, and the same at the denoising steps
+  (benchmarks/temporal.py's measures);
 - compile: torch.compile (default) + CUDA graphs on A, with its compile time (CUDA only);
 - pytest_slow: the GPU-marked tests (`pytest -m slow`), SDXL-Turbo and SD-Turbo + ControlNet among them.
 Writes gpu_suite.json and gpu_suite.txt (the table) to --out, prints the table, then one JSON line.

@@ -62,8 +62,8 @@ def warp_errors(frames: Sequence[np.ndarray], warps: Sequence[Warp]) -> list[flo
 
 def stuck_errors(frames: Sequence[np.ndarray], warps: Sequence[Warp]) -> list[float]:
     """Per pair: the warp error frame t would have if frame t-1 had been the same picture, i.e. frame t
-    against itself warped: what an output tied to the screen scores. Below it, an output moves with
-    the content; at it, it does no better than standing still."""
+    against itself warped: what an output standing still on the screen scores. Below it, the output
+    moved with the content better than a still picture would; at or above it, no better."""
     return [warp_errors([frames[t], frames[t]], [warp])[0] for t, warp in enumerate(warps, start=1)]
 
 

@@ -153,7 +153,7 @@ def summary_lines(record: dict[str, Any]) -> dict[str, str]:
             out[f"temporal {clip} warp error of no feedback"] = ratios
         stuck = (temporal.get(clip) or {}).get("stuck") or {}
         if stuck:
-            out[f"temporal {clip} warp/stuck (under 1: follows the motion)"] = ", ".join(
+            out[f"temporal {clip} warp/stuck (under 1: better than a still picture)"] = ", ".join(
                 f"{s} {error[s] / v:.2f}" for s, v in stuck.items() if v and s in error
             )
     if temporal.get("added_pct"):
