@@ -368,12 +368,20 @@ def test_errors_say_what_happened_and_what_to_do(
     assert app.page.evaluate("document.getElementById('seed').matches(':invalid')")  # shown red
     app.close(stream_server)
 
-    # This address holds as many sessions as it may (--max-per-address): the server's own answer.
+    # This address holds as many sessions as it may (--max-per-address): the server's own answer. On a
+    # phone the status line is below the fold: the error is brought into view, clear of the action bar.
     crowded = address_full("203.0.113.7", ["203.0.113.7"] * 2, 2)
-    app = Page(browser, url)
+    app = Page(browser, url, (390, 844))
     app.page.route("**/offer", lambda route: route.fulfill(status=429, json={"error": crowded}))
     app.page.click("#start")
     app.page.wait_for_function("document.getElementById('status').dataset.kind === 'error'", timeout=30_000)
+    status_box = app.page.evaluate("document.getElementById('status').getBoundingClientRect().toJSON()")
+    actions = app.page.evaluate("document.querySelector('.actions').getBoundingClientRect().toJSON()")
+    assert status_box["top"] >= 0 and status_box["bottom"] <= 844, status_box
+    assert status_box["top"] >= actions["bottom"] or status_box["bottom"] <= actions["top"], (
+        status_box,
+        actions,
+    )
     assert app.status() == (
         "Your network already holds as many sessions on this server as one address may: close one "
         "(another tab or device), or wait a few seconds for a page you just closed to free its place, "

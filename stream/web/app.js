@@ -7,7 +7,7 @@ import { g2g, latencyStats, resetLatency, startStamper, watchOutput } from "./la
 import { STAMP_CELL, STAMP_GRID, STAMP_PATCH, decodeWord, drawStamp, encodeWord, readStamp } from "./stamp.js";
 import { DEFAULTS, applySettingsToUI, bindSettings, onControlMessage, sendSettings, state as settings } from "./settings.js";
 import { buildStats, renderG2G, renderTelemetry, resetStats, setBrowserFps, showDetail } from "./stats.js";
-import { endReason, errorMessage, offerError, setConnection, setStatus } from "./status.js";
+import { endReason, errorMessage, offerError, revealStatus, setConnection, setStatus } from "./status.js";
 import { bindVideo, clearVideo, lowLatency, setAspect, showVideo } from "./video.js";
 import { iceGatheringDone } from "./webrtc.js";
 
@@ -328,6 +328,7 @@ function stop(message = "Stopped. Press Start to go again.", kind = "info") {
   setRunning(false);
   setConnection("idle");
   setStatus(message, kind);
+  if (kind === "error") revealStatus();
 }
 
 // ---- startup ----

@@ -9,6 +9,14 @@ export function setStatus(message, kind = "info") {
   el.dataset.kind = kind;
 }
 
+// An error the user must read (a session that could not start, or ended): on a phone the status line
+// is below the fold, under the camera; bring it into view (above the sticky action bar: its scroll margin).
+export function revealStatus() {
+  const el = $("status");
+  const box = el.getBoundingClientRect();
+  if (box.top < 0 || box.bottom > window.innerHeight) el.scrollIntoView({ block: "nearest" });
+}
+
 export function setConnection(label) {
   const el = $("connection");
   el.textContent = label;
