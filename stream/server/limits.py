@@ -61,18 +61,17 @@ class Limits:
         the trusted proxies (the ones before it could have been written by the peer itself)."""
         networks = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
 
-        def trusted(address: str | None) -> bool:
-            ip = _ip(address)
+        def trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
             return ip is not None and any(ip in n for n in networks)
 
-        if not trusted(remote):
+        if not trusted(_ip(remote)):
             return remote
         hops = [h.strip() for header in forwarded_for for h in header.split(",") if h.strip()]
         ips = [_ip(h) for h in hops]
         for ip in reversed(ips):
             if ip is None:  # not an address: the chain cannot be followed past it
                 return remote
-            if not any(ip in n for n in networks):
+            if not trusted(ip):
                 return str(ip)
         return str(ips[0]) if ips else remote  # every hop trusted: the first one is the peer
 
