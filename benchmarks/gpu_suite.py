@@ -21,8 +21,8 @@ and the suite goes on):
 - temporal: following the motion on sd-turbo B: warp error, change and the warp error if stuck (each
   output against itself moved: under it, the output moved with the content better than a still
   picture would) on a 4 px/frame pan, a zoom and a still clip, and the time a frame, for no feedback,
-  feedback in place, warped feedback and noise, and the same at the denoising steps
-  (benchmarks/temporal.py's measures);
+  feedback in place, warped feedback and noise, the same at the denoising steps, image feedback alone,
+  and with the latter (benchmarks/temporal.py's measures);
 - compile: torch.compile (default) + CUDA graphs on A, with its compile time (CUDA only);
 - pytest_slow: the GPU-marked tests (`pytest -m slow`), SDXL-Turbo and SD-Turbo + ControlNet among them.
 Writes gpu_suite.json and gpu_suite.txt (the table) to --out, prints the table, then one JSON line.
@@ -73,7 +73,8 @@ SLOW_TESTS = [
     "tests/test_gpu_adapters.py",
 ]
 # the temporal part's settings (benchmarks/temporal.py's)
-TEMPORAL = ("no_feedback", "in_place", "both", "both_steps")
+TEMPORAL = ("no_feedback", "in_place", "both", "both_steps", "image", "both_image")
+TEMPORAL_FEEDBACK = 0.5  # the latent and image feedback of its settings
 # the features part's variants of B: StreamConfig changes
 FEATURES = {
     "cfg full": {},
@@ -302,7 +303,14 @@ class Suite:
         clips = {kind: photo_clip(kind, frames, size, step=4) for kind in ("pan", "zoom")}
         clips[bench.STILL] = photo_clip("static", frames, size)
         denoisers = {
-            s: StreamDenoiser(components, self._config("sd-turbo", mode, **bench.setting_changes(s, 0.5)))
+            s: StreamDenoiser(
+                components,
+                self._config(
+                    "sd-turbo",
+                    mode,
+                    **bench.setting_changes(s, TEMPORAL_FEEDBACK, image_feedback=TEMPORAL_FEEDBACK),
+                ),
+            )
             for s in TEMPORAL
         }
         curves, times, _ = bench.measure_clips(denoisers, clips, 1 if self.quick else 3)

@@ -14,7 +14,9 @@ machine's state and their timings compare):
   (`--feedback-at steps`), fixed noise;
 - both_steps: feedback at the steps and warped noise;
 - with `--motion-strength S` (> 0), also both_motion: both_steps, and strength lowered by up to S of it
-  when the input moves fast.
+  when the input moves fast;
+- with `--image-feedback W` (> 0), also image: no latent feedback, the previous output image moved along
+  the flow and blended into each new one by W after decoding; and both_image: both_steps with it.
 
 Clips (`--clips`, any of pan, zoom, object; `--clip FILE` adds a video file): a window panning right by
 `--pan-step` px a frame; a zoom on the photo's centre; a second photo's crop moving over a still photo.
@@ -42,10 +44,11 @@ Measures, per clip and setting, L1 on 0-255, averaged over the clip:
   no_feedback's p50.
 
 Lower is steadier; steadier is not better by itself (an output that ignores the input is perfectly
-steady). The table ends with the targets: with warped feedback and noise, warp error <= 0.85x of no
-feedback on pan and zoom, the still clip's change <= 0.5x, <= 15 % added time a frame.
+steady). The table ends with the targets: with warped feedback and noise (both, both_steps, and
+both_image when run), warp error <= 0.85x of no feedback on pan and zoom, the still clip's change
+<= 0.5x, <= 15 % added time a frame; and, not a target, their warp/stuck.
 `--strip FILE.png` saves frames of the first moving clip side by side: input, no feedback, feedback in
-place, both, both_steps. Prints a table, then one JSON object as the last line. Example:
+place, both, both_steps (and both_image). Prints a table, then one JSON object as the last line. Example:
 
     python -m benchmarks.temporal --model tiny --width 256 --height 256 --frames 48 --strip strip.png
 """
@@ -84,8 +87,16 @@ MOVING = ("pan", "zoom", "object")
 SETTINGS = ("no_feedback", "in_place", "warped_feedback", "warped_noise", "both", "steps", "both_steps")
 
 
-def setting_changes(setting: str, feedback: float, motion_strength: float = 0.0) -> dict[str, Any]:
-    """StreamConfig changes for one of SETTINGS."""
+def setting_changes(
+    setting: str, feedback: float, motion_strength: float = 0.0, image_feedback: float = 0.0
+) -> dict[str, Any]:
+    """StreamConfig changes for one of SETTINGS, both_motion, image or both_image."""
+    both_steps = {
+        "latent_feedback": feedback,
+        "feedback_warp": True,
+        "feedback_at": "steps",
+        "noise": "warped",
+    }
     return {
         "no_feedback": {"latent_feedback": 0.0, "noise": "fixed"},
         "in_place": {"latent_feedback": feedback, "feedback_warp": False, "noise": "fixed"},
@@ -98,19 +109,10 @@ def setting_changes(setting: str, feedback: float, motion_strength: float = 0.0)
             "feedback_at": "steps",
             "noise": "fixed",
         },
-        "both_steps": {
-            "latent_feedback": feedback,
-            "feedback_warp": True,
-            "feedback_at": "steps",
-            "noise": "warped",
-        },
-        "both_motion": {
-            "latent_feedback": feedback,
-            "feedback_warp": True,
-            "feedback_at": "steps",
-            "noise": "warped",
-            "motion_strength": motion_strength,
-        },
+        "both_steps": both_steps,
+        "both_motion": {**both_steps, "motion_strength": motion_strength},
+        "image": {"latent_feedback": 0.0, "image_feedback": image_feedback, "feedback_warp": True},
+        "both_image": {**both_steps, "image_feedback": image_feedback},
     }[setting]
 
 
@@ -149,6 +151,14 @@ def build_parser() -> ArgumentParser:
         help="also run both_motion: both_steps, with this --motion-strength, in (0, 1) (default 0: not run)",
     )
     parser.add_argument(
+        "--image-feedback",
+        type=float,
+        default=0.0,
+        help="also run image (this --image-feedback alone: the previous output image moved along the "
+        "motion and blended into each new one) and both_image (both_steps with it), in (0, 1) (default 0: "
+        "not run)",
+    )
+    parser.add_argument(
         "--strip", metavar="FILE.png", help="save frames of the first moving clip side by side, per setting"
     )
     return parser
@@ -172,7 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     curves, times, strip = measure_clips(denoisers, clips, args.warmup)
     first = next(iter(denoisers.values()))
-    settings = {s: setting_changes(s, args.feedback, args.motion_strength) for s in args.settings}
+    settings = {
+        s: setting_changes(s, args.feedback, args.motion_strength, args.image_feedback) for s in args.settings
+    }
     report = build_report(first, args, curves, times, command_line(MODULE, argv), settings)
     print_table(report)
     if args.plot:
@@ -196,7 +208,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--pan-step and --object-step must be 0 or more px a frame")
     if not 0.0 <= args.motion_strength < 1.0:
         raise UsageError(f"--motion-strength must be in [0, 1), got {args.motion_strength}")
+    if not 0.0 <= args.image_feedback < 1.0:
+        raise UsageError(f"--image-feedback must be in [0, 1), got {args.image_feedback}")
     args.settings = SETTINGS + (("both_motion",) if args.motion_strength > 0 else ())
+    args.settings += ("image", "both_image") if args.image_feedback > 0 else ()
     if not 0.0 <= args.zoom_rate <= 1.0:
         raise UsageError(f"--zoom-rate must be in [0, 1], got {args.zoom_rate}")
     kinds = [k for k in args.clips.split(",") if k and k != "none"]
@@ -240,7 +255,10 @@ def load(config: Any, args: argparse.Namespace) -> dict[str, Any]:
         components = load_model(config)
         return {
             s: StreamDenoiser(
-                components, config.replace(**setting_changes(s, args.feedback, args.motion_strength))
+                components,
+                config.replace(
+                    **setting_changes(s, args.feedback, args.motion_strength, args.image_feedback)
+                ),
             )
             for s in args.settings
         }

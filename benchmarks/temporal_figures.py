@@ -19,16 +19,19 @@ LABELS = {
     "steps": "fb at steps",
     "both_steps": "both, steps",
     "both_motion": "steps+motion",
+    "image": "image fb",
+    "both_image": "steps+image",
 }
 
 
 def save_strip(outputs: dict[str, list[np.ndarray]], path: str, rows: int = 3, tile: int = 128) -> None:
-    """Frames of one clip side by side: input, no feedback, feedback in place, both, both at the steps;
-    `rows` moments
-    down the clip, each frame scaled to at most `tile` px a side (the file stays small)."""
+    """Frames of one clip side by side: input, no feedback, feedback in place, both, both at the steps
+    (and with image feedback, when run); `rows` moments down the clip, each frame scaled to at most
+    `tile` px a side (the file stays small)."""
     from PIL import Image, ImageDraw
 
-    columns = ("input", "no_feedback", "in_place", "both", "both_steps")
+    columns = ("input", "no_feedback", "in_place", "both", "both_steps", "both_image")
+    columns = tuple(c for c in columns if c in outputs)
     n = len(outputs["input"])
     picks = sorted({min(n - 1, max(1, round(n * (i + 1) / (rows + 1)))) for i in range(rows)})
     h, w = outputs["input"][0].shape[:2]

@@ -68,6 +68,14 @@ CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
     ("--seed", "seed", int, "noise seed"),
     ("--latent-feedback", "latent_feedback", float, "share of the previous output latent blended in, [0, 1)"),
     (
+        "--image-feedback",
+        "image_feedback",
+        float,
+        "share of the previous output image blended into each new one after decoding, [0, 1): moved along "
+        "the input's optical flow first (--feedback-warp), it steadies flicker and follows moves finer "
+        "than a latent pixel, at the price of some sharpness where the model's output does not follow",
+    ),
+    (
         "--noise",
         "noise",
         str,
@@ -200,8 +208,8 @@ def add_motion_arguments(group: argparse._ActionsContainer) -> None:
         type=_on_off,
         default=defaults.feedback_warp,
         metavar="on|off",
-        help="warp the previous output along the input's optical flow before --latent-feedback blends it "
-        "in (occluded pixels take the new frame) (default: on)",
+        help="warp the previous output along the input's optical flow before --latent-feedback and "
+        "--image-feedback blend it in (occluded pixels take the new frame) (default: on)",
     )
     group.add_argument(
         "--feedback-at",

@@ -37,6 +37,7 @@ OUTPUT_FIELDS = (
     "steps",
     "seed",
     "latent_feedback",
+    "image_feedback",
     "lora_scale",
     "control",
     "controlnet_conditioning_scale",
@@ -54,6 +55,7 @@ LIVE_SETTINGS = (
     "steps",
     "seed",
     "latent_feedback",
+    "image_feedback",
     "width",  # a new size applies from the next frame (the server may offer only some sizes)
     "height",
     "lora_scale",  # the LoRAs are fused into the model every session shares: a change applies to all
@@ -89,6 +91,9 @@ class StreamConfig:
     negative_prompt: str = ""
     seed: int = 0
     latent_feedback: float = 0.0  # share of the previous output latent blended into the new one, in [0, 1)
+    # share of the previous output image blended into the new one after decoding, in [0, 1): moved along
+    # the motion first (with feedback_warp), so it follows moves finer than a latent pixel
+    image_feedback: float = 0.0
     # `fixed`: one noise tensor per stream (stable output); `fresh`: new noise each frame; `warped`: the
     # stream's noise moves with the content (the input's optical flow; exactly fixed on a still scene)
     noise: str = "fixed"
@@ -113,7 +118,7 @@ class StreamConfig:
     control: str = "canny"  # the conditioning image from each frame: `canny` edges, `none` = the frame
     controlnet_conditioning_scale: float = 1.0  # how strongly the ControlNet steers, in [0, 5]
     # Temporal coherence that follows the motion (the input's optical flow: stream/flow.py, coherence.py)
-    feedback_warp: bool = True  # latent feedback warps the previous output along the motion first
+    feedback_warp: bool = True  # latent and image feedback warp the previous output along the motion first
     # `input`: the previous output is blended into the new frame's latent before it is noised; `steps`:
     # into the model's estimate of the clean latent at every denoising step (it also steadies the noise)
     feedback_at: str = "input"
@@ -193,6 +198,12 @@ class StreamConfig:
             "latent_feedback",
             self.latent_feedback,
             "in [0, 1)",
+        )
+        _require(
+            _is_real(self.image_feedback) and 0.0 <= self.image_feedback < 1.0,
+            "image_feedback",
+            self.image_feedback,
+            "in [0, 1) (0 turns it off)",
         )
         _require(
             _is_real(self.similarity_threshold) and 0.0 <= self.similarity_threshold < 1.0,

@@ -22,7 +22,7 @@ import torch
 
 from stream import control, frame_plan, schedule, temporal
 from stream.batch import EMPTY, FrameResult, Job, process_batch
-from stream.coherence import Coherence, follows_motion, latent_feedback
+from stream.coherence import Coherence, follows_motion, image_feedback, latent_feedback
 from stream.config import OUTPUT_FIELDS, RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
 from stream.frames import Geometry, StageTimer, from_canvas, letterbox_geometry, to_canvas
@@ -44,6 +44,7 @@ class _StreamState:
     generator: torch.Generator | None = None  # for `fresh`, and `warped`'s holes
     coherence: Coherence | None = None  # the input's motion, when a setting follows it
     prev_latent: torch.Tensor | None = None  # (1, C, H/f, W/f) last denoised latent
+    prev_image: torch.Tensor | None = None  # (1, 3, H, W) last output canvas in [0, 1], for image feedback
     last_input: torch.Tensor | None = None  # uint8 frame the model last ran on
     last_output: np.ndarray | None = None
     skips: int = 0  # frames skipped in a row
@@ -207,7 +208,15 @@ class StreamDenoiser:
         plan = self.plan()  # after the strength: a new schedule makes a new plan
         job.x = schedule.add_noise(latent, job.noise[0], plan.schedule.alphas[0])
         job.frame = InFlight(
-            job.tag, plan, job.x, latent, job.noise, entered=job.timer.started, control=job.control, pull=pull
+            job.tag,
+            plan,
+            job.x,
+            latent,
+            job.noise,
+            entered=job.timer.started,
+            control=job.control,
+            pull=pull,
+            motion=motion,
         )
         job.calls = 1 if config.stream_batch else plan.steps
 
@@ -241,6 +250,8 @@ class StreamDenoiser:
         if image is None or job.frame is None:  # Stream Batch: nothing left the pipeline this call
             return FrameResult(EMPTY, {**shared, **job.timer.finish()}, pending=True)
         with job.timer("postprocess"):
+            image = image_feedback(self.config, job.frame.motion, image, state.prev_image)
+            state.prev_image = image if self.config.image_feedback > 0 else None
             out = self.postprocess(image, state.geometry)
         state.last_output, state.skips = out, 0
         timings = {**shared, **job.timer.finish()}

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from stream import frame_plan
+from stream.flow import Motion
 from stream.frame_plan import Plan, Pull, Rows
 
 
@@ -42,6 +43,7 @@ class InFlight:
     result: torch.Tensor | None = None  # (1, C, h, w) the final latent, once the last step is done
     control: torch.Tensor | None = None  # (1, 3, H, W) the frame's ControlNet conditioning image
     pull: Pull | None = None  # latent feedback at the steps: (target, weight), see frame_plan.step
+    motion: Motion | None = None  # how the input moved from the frame before it (image feedback)
 
     def rows(self) -> Rows:
         return frame_plan.unet_rows(self.plan, self.x, self.step, self.control)

@@ -60,10 +60,10 @@ def warped_feedback_blend(
     valid: torch.Tensor,
 ) -> torch.Tensor:
     """Feedback along the motion (StreamV2V-style, with flow instead of feature matching): the previous
-    output latent warped into this frame, blended with weight `weight * valid` per pixel, so occluded
-    and disoccluded pixels (valid 0) take the current frame's latent.
+    output latent (or image) warped into this frame, blended with weight `weight * valid` per pixel, so
+    occluded and disoccluded pixels (valid 0) take the current frame's.
 
-    latent, previous: (1, C, h, w); flow: (h, w, 2) latent px; valid: (h, w) in [0, 1].
+    latent, previous: (1, C, h, w); flow: (h, w, 2) in their pixels; valid: (h, w) in [0, 1].
     """
     if previous is None or weight <= 0.0 or previous.shape != latent.shape:
         return latent

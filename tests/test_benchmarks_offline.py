@@ -224,12 +224,21 @@ def test_temporal_zoom_motion_strength_and_a_video_file(
         writer.write(cv2.cvtColor(frame, cv2.COLOR_RGB2BGR))
     writer.release()
     argv = [*QUICK, "--frames", "3", "--warmup", "0", "--clips", "zoom", "--steps", "1"]
-    argv += ["--clip", str(video), "--motion-strength", "0.4"]
+    argv += ["--clip", str(video), "--motion-strength", "0.4", "--image-feedback", "0.5"]
     assert temporal_bench.main(argv) == 0
-    report = last_json(capsys.readouterr().out)
+    out = capsys.readouterr().out
+    report = last_json(out)
     assert list(report["clips"]) == ["zoom", "file:clip.avi", "still"] and report["zoom_rate"] == 0.01
     assert report["settings"]["both_motion"]["motion_strength"] == 0.4
-    assert math.isfinite(report["clips"]["file:clip.avi"]["warp_error"]["both_motion"])
+    assert report["settings"]["image"] == {
+        "latent_feedback": 0.0,
+        "image_feedback": 0.5,
+        "feedback_warp": True,
+    }
+    assert report["settings"]["both_image"] == {**report["settings"]["both_steps"], "image_feedback": 0.5}
+    for setting in ("both_motion", "image", "both_image"):
+        assert math.isfinite(report["clips"]["file:clip.avi"]["warp_error"][setting])
+    assert "image fb" in out and "steps+image" in out
 
 
 @pytest.mark.parametrize(
@@ -241,6 +250,7 @@ def test_temporal_zoom_motion_strength_and_a_video_file(
         (["--clips", "spin"], ("--clips", "spin")),
         (["--clip", "/no/such/video.mp4"], ("--clip", "cannot read video")),
         (["--motion-strength", "1"], ("--motion-strength",)),
+        (["--image-feedback", "-0.1"], ("--image-feedback",)),
         (["--strength", "2"], ("strength",)),
         (["--vae", "/no/such/vae"], ("could not load vae", "--vae auto")),
     ],

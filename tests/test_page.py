@@ -329,6 +329,8 @@ def test_following_the_motion_settings_apply_live(browser: Any, server: tuple[St
         page.evaluate(
             "const s = document.getElementById('motion-strength');"
             "s.value = '0.4'; s.dispatchEvent(new Event('input', {bubbles: true}));"
+            "const i = document.getElementById('image-feedback');"
+            "i.value = '0.3'; i.dispatchEvent(new Event('input', {bubbles: true}));"
         )
         wait_for(
             lambda: (
@@ -336,10 +338,12 @@ def test_following_the_motion_settings_apply_live(browser: Any, server: tuple[St
                 and (session.applied.noise, session.applied.feedback_at) == ("warped", "steps")
                 and session.applied.feedback_warp is False
                 and session.applied.motion_strength == 0.4
+                and session.applied.image_feedback == 0.3
             ),
             "the motion settings in the engine",
         )
         assert page.inner_text("#motion-strength-value") == "0.40"
+        assert page.inner_text("#image-feedback-value") == "0.30"
         count = session.monitor.out.count
         wait_for(lambda: session.monitor.out.count > count + 3, "frames with the new settings")
     finally:

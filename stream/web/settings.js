@@ -11,6 +11,7 @@ const SLIDERS = [
   ["guidance", "guidance_scale", 1],
   ["steps", "steps", 0],
   ["latent-feedback", "latent_feedback", 2],
+  ["image-feedback", "image_feedback", 2],
   ["motion-strength", "motion_strength", 2],
 ];
 // [element id, settings key] of the choices (select elements)
@@ -20,7 +21,7 @@ const CHOICES = [
 ];
 export const DEFAULTS = {
   prompt: "", negative_prompt: "", strength: 0.5, guidance_scale: 1, steps: 4, seed: 0,
-  latent_feedback: 0, width: 512, height: 512,
+  latent_feedback: 0, image_feedback: 0, width: 512, height: 512,
   feedback_warp: true, feedback_at: "input", noise: "fixed", motion_strength: 0,
 };
 // A click fills the prompt box (and sends it).
