@@ -44,9 +44,11 @@ Measures, per clip and setting, L1 on 0-255, averaged over the clip:
   no_feedback's p50.
 
 Lower is steadier; steadier is not better by itself (an output that ignores the input is perfectly
-steady). The table ends with the targets: with warped feedback and noise (both, both_steps, and
-both_image when run), warp error <= 0.85x of no feedback on pan and zoom, the still clip's change
-<= 0.5x, <= 15 % added time a frame; and, not a target, their warp/stuck.
+steady). The table ends with the targets: with warped feedback and noise (both, both_steps), warp
+error <= 0.85x of no feedback on pan and zoom, the still clip's change <= 0.5x, <= 15 % added time a
+frame; and, not a target, their warp/stuck (and both_image's). both_image is not held to the targets:
+image feedback blends in the previous output moved along the motion, the very picture the warp error
+compares each output with, so it lowers the warp error by construction.
 `--strip FILE.png` saves frames of the first moving clip side by side: input, no feedback, feedback in
 place, both, both_steps (and both_image). Prints a table, then one JSON object as the last line. Example:
 

@@ -72,8 +72,8 @@ CONFIG_FLAGS: list[tuple[str, str, type, str]] = [
         "image_feedback",
         float,
         "share of the previous output image blended into each new one after decoding, [0, 1): moved along "
-        "the input's optical flow first (--feedback-warp), it steadies flicker and follows moves finer "
-        "than a latent pixel, at the price of some sharpness where the model's output does not follow",
+        "the input's optical flow first (--feedback-warp), by fractions of a latent pixel too; it steadies "
+        "flicker, at the price of a softer picture where the model's output does not move with the content",
     ),
     (
         "--noise",

@@ -13,7 +13,7 @@ off the model thread while the batch is encoded), a stream's `Coherence`:
   every latent pixel stays unit Gaussian and the noise moves by a fraction of a latent pixel (a latent
   pixel is 8-16 canvas pixels) without blurring; exactly fixed on a still scene;
 - moves the previous output IMAGE along the motion before `image_feedback` blends it into the new
-  one after decoding: the flow is upsampled to the canvas, so the blend follows moves finer than a latent
+  one after decoding: the flow is upsampled to the canvas, so the image moves by fractions of a latent
   pixel, which a decoder may not draw from a warped latent;
 - lowers strength when the input moves fast, within the share the user allows (`motion_strength`);
 - reports a scene cut (the flow fails almost everywhere), after which the stream starts over.
@@ -33,7 +33,7 @@ import torch
 
 from stream import temporal
 from stream.config import MAX_TRAIN_TIMESTEPS, StreamConfig
-from stream.flow import FlowTracker, Motion
+from stream.flow import FlowTracker, Motion, pixel_grid
 from stream.frames import Geometry
 
 NOISE_GRID = 4  # warped noise moves on a grid this many times finer than the latent (when the flow's is)
@@ -82,33 +82,38 @@ def image_feedback(
     ):
         return image
     if not config.feedback_warp or motion is None or not _moving(motion):
-        return temporal.feedback_blend(image, previous, weight)
+        return _blend(image, previous.to(image.dtype), weight)
     size = (image.shape[-2], image.shape[-1])
-    if image.device.type == "cpu":  # OpenCV's remap: a tenth of grid_sample's time on a CPU
+    if image.device.type == "cpu":  # OpenCV's remap is faster there than grid_sample
         return _warped_blend_cpu(image, previous, weight, motion, size)
     flow, valid = canvas_flow(motion, size, image.device)
-    return temporal.warped_feedback_blend(image, previous, weight, flow, valid)
+    moved = temporal.warp(previous.to(image.dtype), flow)
+    return _blend(image, moved, weight * valid.to(image.dtype)[None, None])
+
+
+def _blend(image: torch.Tensor, moved: torch.Tensor, share: torch.Tensor | float) -> torch.Tensor:
+    """image + share (moved - image), a non-finite value of the moved previous image taken as black: a
+    failed (fp16) decode's NaN fades out over the next frames instead of being carried on for ever."""
+    return torch.lerp(image, moved.nan_to_num(0.0, 1.0, 0.0), share)
 
 
 def _warped_blend_cpu(
     image: torch.Tensor, previous: torch.Tensor, weight: float, motion: Motion, size: tuple[int, int]
 ) -> torch.Tensor:
-    """temporal.warped_feedback_blend of a (1, 3, H, W) CPU image along the motion, with OpenCV."""
+    """The warped blend of a (1, 3, H, W) CPU image along the motion, the previous image moved with
+    OpenCV (as canvas_flow and temporal.warp would move it)."""
     height, width = size
     grid_h, grid_w = motion.valid.shape
     flow = cv2.resize(motion.flow, (width, height), interpolation=cv2.INTER_LINEAR)
     valid = cv2.resize(motion.valid, (width, height), interpolation=cv2.INTER_LINEAR)
-    xs, ys = np.meshgrid(np.arange(width, dtype=np.float32), np.arange(height, dtype=np.float32))
-    moved = cv2.remap(
-        previous[0].permute(1, 2, 0).float().contiguous().numpy(),
-        xs + flow[..., 0] * (width / grid_w),
-        ys + flow[..., 1] * (height / grid_h),
-        cv2.INTER_LINEAR,
-        borderMode=cv2.BORDER_REPLICATE,
+    xs, ys = pixel_grid(height, width)
+    planes = previous[0].float().contiguous().numpy()  # (3, H, W): each plane moved alike
+    map_x, map_y = xs + flow[..., 0] * (width / grid_w), ys + flow[..., 1] * (height / grid_h)
+    moved = np.stack(
+        [cv2.remap(p, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for p in planes]
     )
-    moved_image = torch.from_numpy(moved).permute(2, 0, 1)[None].to(image.dtype)
     share = torch.from_numpy(valid * weight)[None, None].to(image.dtype)
-    return image + share * (moved_image - image)
+    return _blend(image, torch.from_numpy(moved)[None].to(image.dtype), share)
 
 
 def canvas_flow(

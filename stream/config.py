@@ -92,7 +92,7 @@ class StreamConfig:
     seed: int = 0
     latent_feedback: float = 0.0  # share of the previous output latent blended into the new one, in [0, 1)
     # share of the previous output image blended into the new one after decoding, in [0, 1): moved along
-    # the motion first (with feedback_warp), so it follows moves finer than a latent pixel
+    # the motion first (with feedback_warp), by fractions of a latent pixel too
     image_feedback: float = 0.0
     # `fixed`: one noise tensor per stream (stable output); `fresh`: new noise each frame; `warped`: the
     # stream's noise moves with the content (the input's optical flow; exactly fixed on a still scene)

@@ -250,7 +250,8 @@ class StreamDenoiser:
         if image is None or job.frame is None:  # Stream Batch: nothing left the pipeline this call
             return FrameResult(EMPTY, {**shared, **job.timer.finish()}, pending=True)
         with job.timer("postprocess"):
-            image = image_feedback(self.config, job.frame.motion, image, state.prev_image)
+            previous = None if job.frame.after_drop else state.prev_image  # that one moved further
+            image = image_feedback(self.config, job.frame.motion, image, previous)
             state.prev_image = image if self.config.image_feedback > 0 else None
             out = self.postprocess(image, state.geometry)
         state.last_output, state.skips = out, 0

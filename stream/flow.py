@@ -88,7 +88,7 @@ def estimate_motion(dis: Any, previous: np.ndarray, current: np.ndarray, cell: i
     H, W = current.shape
     backward = dis.calc(current, previous, None)  # (H, W, 2): current pixel x came from x + backward
     forward = dis.calc(previous, current, None)
-    xs, ys = _pixel_grid(H, W)
+    xs, ys = pixel_grid(H, W)
     bx, by = cv2.split(backward)
     map_x, map_y = xs + bx, ys + by
     fx, fy = cv2.split(cv2.remap(forward, map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE))
@@ -113,7 +113,7 @@ def estimate_motion(dis: Any, previous: np.ndarray, current: np.ndarray, cell: i
 
 
 @functools.lru_cache(maxsize=8)
-def _pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+def pixel_grid(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
     """(h, w) float32 x and y coordinates of each pixel (read only)."""
     xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
     xs.flags.writeable = ys.flags.writeable = False

@@ -44,6 +44,7 @@ class InFlight:
     control: torch.Tensor | None = None  # (1, 3, H, W) the frame's ControlNet conditioning image
     pull: Pull | None = None  # latent feedback at the steps: (target, weight), see frame_plan.step
     motion: Motion | None = None  # how the input moved from the frame before it (image feedback)
+    after_drop: bool = False  # it leaves after frames dropped before it: no output of its previous input
 
     def rows(self) -> Rows:
         return frame_plan.unet_rows(self.plan, self.x, self.step, self.control)
@@ -92,5 +93,6 @@ class StreamBatch:
             return None
         newest = done[-1]  # older frames, finished or not, would leave out of order: dropped
         self.dropped += newest
+        frames[newest].after_drop = newest > 0
         self.frames = frames[newest + 1 :]
         return frames[newest]

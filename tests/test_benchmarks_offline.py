@@ -239,6 +239,8 @@ def test_temporal_zoom_motion_strength_and_a_video_file(
     for setting in ("both_motion", "image", "both_image"):
         assert math.isfinite(report["clips"]["file:clip.avi"]["warp_error"][setting])
     assert "image fb" in out and "steps+image" in out
+    assert set(report["targets"]) == {"both", "both_steps"} and "both_image" in report["ratios"]
+    assert "steps+image is not held to the targets" in out
 
 
 @pytest.mark.parametrize(
