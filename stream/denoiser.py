@@ -25,7 +25,7 @@ from stream.batch import EMPTY, FrameResult, Job, process_batch
 from stream.coherence import Coherence, follows_motion, image_feedback, latent_feedback
 from stream.config import OUTPUT_FIELDS, RELOAD_FIELDS, ConfigError, StreamConfig
 from stream.engine import Engine
-from stream.frames import Geometry, StageTimer, from_canvas, letterbox_geometry, to_canvas
+from stream.frames import Geometry, StageTimer, check_frame, from_canvas, letterbox_geometry, to_canvas
 from stream.models import Components, load_model, sdxl
 from stream.stream_batch import InFlight, StreamBatch
 from stream.transfer import FrameTransfer
@@ -165,7 +165,7 @@ class StreamDenoiser:
 
     # 1. preprocess and the similarity filter
     def _begin(self, frame: np.ndarray) -> Job | FrameResult:
-        _check_frame(frame)
+        check_frame(frame)
         timer = StageTimer(self.device)
         state = self._state
         with timer("preprocess"):
@@ -389,17 +389,3 @@ class StreamDenoiser:
         if state.skips >= self.config.max_skip:  # a still scene still gets a fresh frame now and then
             return False
         return temporal.frame_similarity(pixels, state.last_input) >= threshold
-
-
-def _check_frame(frame: object) -> None:
-    """The one thing the caller cannot have validated: the frame itself."""
-    if not (
-        isinstance(frame, np.ndarray)
-        and frame.dtype == np.uint8
-        and frame.ndim == 3
-        and frame.shape[2] == 3
-        and frame.shape[0] > 0
-        and frame.shape[1] > 0
-    ):
-        got = f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray) else type(frame)
-        raise ValueError(f"frame must be an HxWx3 uint8 RGB array, got {got}")

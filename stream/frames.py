@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +96,17 @@ def from_canvas(image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
             image.float(), size=geometry.src, mode="bilinear", antialias=True, align_corners=False
         )
     return (image[0].float() * 255).round().clamp(0, 255).to(torch.uint8).permute(1, 2, 0)
+
+
+def check_frame(frame: object) -> None:
+    """A frame for a denoiser: HxWx3 uint8 RGB, not empty (the one input its caller cannot validate)."""
+    if not (
+        isinstance(frame, np.ndarray)
+        and frame.dtype == np.uint8
+        and frame.ndim == 3
+        and frame.shape[2] == 3
+        and frame.shape[0] > 0
+        and frame.shape[1] > 0
+    ):
+        got = f"{frame.dtype} array of shape {frame.shape}" if isinstance(frame, np.ndarray) else type(frame)
+        raise ValueError(f"frame must be an HxWx3 uint8 RGB array, got {got}")
