@@ -47,6 +47,12 @@ LIMIT_FLAGS: list[tuple[str, type, str]] = [
         "sessions one network address may hold at once; more get 429 (0: no cap). Peers on this machine "
         "(loopback, e.g. a reverse proxy on it) are not capped",
     ),
+    (
+        "max_viewers_per_address",
+        int,
+        "WHEP viewers (OBS browser sources, /view pages) one network address may hold at once; more get "
+        "429 (0: no cap). Peers on this machine are not capped",
+    ),
     ("max_prompt_chars", int, "characters a prompt or negative prompt may have; longer ones are refused"),
     (
         "prompt_interval",
@@ -89,8 +95,8 @@ def add_limit_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="a reverse proxy or load balancer (an IP address or network, e.g. 10.0.0.5 or 10.0.0.0/8; "
         "repeat or separate with commas) whose X-Forwarded-For header names the peer: the peer's own "
-        "address then counts toward --max-per-address and shows in the log (default: none, every peer "
-        "is the address it connects from)",
+        "address then counts toward --max-per-address and --max-viewers-per-address and shows in the "
+        "log (default: none, every peer is the address it connects from)",
     )
 
 

@@ -24,9 +24,10 @@ from stream.cluster.placement import READY, STARTING, WorkerView, pick, why_full
 from stream.cluster.pool import PREFIX, WorkerPool, call, launch
 from stream.config import StreamConfig
 from stream.server import ServerThread
+from stream.server.limits import Limits
 from tests.conftest import pan_clip
 from tests.test_serve_startup import free_port
-from tests.test_server import Client, ClipTrack, running, until
+from tests.test_server import PEER, Client, ClipTrack, running, until
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,12 +65,15 @@ def workers(tiny_model_dir: Any) -> Any:
 
 
 @asynccontextmanager
-async def front_of(workers: Any, count: int = 2) -> AsyncIterator[tuple[str, ClusterFront]]:
+async def front_of(
+    workers: Any, count: int = 2, peers: bool = False
+) -> AsyncIterator[tuple[str, ClusterFront]]:
     """A front (on this test's event loop) over the running workers, once both report ready and empty.
-    `count`: the workers it starts itself (the others it finds by name, as workers started elsewhere)."""
+    `count`: the workers it starts itself (the others it finds by name, as workers started elsewhere);
+    `peers`: as in tests.test_server.running."""
     pool = WorkerPool(SETTINGS, workers=count, gpu=False, poll_interval=0.2, scale_interval=1.0)
     front = ClusterFront(pool, CONFIG, max_sessions=2)
-    async with running(front) as url:
+    async with running(front, peers=peers) as url:
         await until(
             lambda: (
                 all(w.state == READY and w.sessions == 0 for w in pool.views.values())
@@ -213,7 +217,7 @@ async def whip_session(url: str) -> tuple[RTCPeerConnection, str]:
 
 def test_whip_in_and_whep_out_on_the_second_worker(workers: Any) -> None:
     async def main() -> None:
-        async with front_of(workers, count=1) as (url, _):  # worker 2: found by its name
+        async with front_of(workers, count=1, peers=True) as (url, _):  # worker 2: found by its name
             browser = Client([INPUT])
             await browser.connect(url)  # takes worker 1: the WHIP session goes to worker 2
             sender, location = await whip_session(url)
@@ -245,6 +249,18 @@ def test_whip_in_and_whep_out_on_the_second_worker(workers: Any) -> None:
                         keyed = r.headers["Location"]
                     async with http.delete(f"{url}{keyed}?key={browser.view_key}") as r:
                         assert r.status == 200
+                    # the front names each viewer's peer to the worker, which caps one address's viewers
+                    peer = {**headers, PEER: "203.0.113.7"}
+                    places = []
+                    for _ in range(Limits().max_viewers_per_address):
+                        async with http.post(f"{url}/whep", data=sdp, headers=peer) as r:  # the newest
+                            assert r.status == 201, await r.text()
+                            places.append(r.headers["Location"])
+                    async with http.post(f"{url}/whep", data=sdp, headers=peer) as r:
+                        assert r.status == 429 and "--max-viewers-per-address" in (await r.json())["error"]
+                    for place in places:
+                        async with http.delete(url + place) as r:
+                            assert r.status == 200
                     # the WHIP session (no view key) is the newest: `POST /whep` plays it
                     async with http.post(f"{url}/whep", data=sdp, headers=headers) as r:
                         assert r.status == 201, await r.text()

@@ -736,6 +736,7 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
         ("--max-reading", "32"),
         ("--connect-timeout", "10.0"),
         ("--max-per-address", "2"),
+        ("--max-viewers-per-address", "4"),
         ("--trusted-proxy", "none, every peer is the address it connects from"),
     ]:
         assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1][:400], flag
@@ -744,6 +745,10 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
         (["--read-timeout", "nan"], "--read-timeout must be > 0 seconds, got nan"),
         (["--prompt-interval", "-1"], "--prompt-interval must be >= 0 seconds, got -1.0"),
         (["--max-per-address", "-1"], "--max-per-address must be a whole number >= 0 (0: no cap), got -1"),
+        (
+            ["--max-viewers-per-address", "-2"],
+            "--max-viewers-per-address must be a whole number >= 0 (0: no cap), got -2",
+        ),
         (["--trusted-proxy", "10.0.0.5,nginx"], "--trusted-proxy takes IP addresses or networks"),
     ]:
         assert main(["serve", "--model", "tiny", *bad]) == 2
@@ -768,6 +773,8 @@ def test_which_addresses_the_per_address_cap_counts() -> None:
     assert address_key(v6[0]) == address_key(v6[1]) == "2001:db8:1:2::/64"
     assert "already holds 2 session(s)" in str(address_full("2001:db8:1:2:ffff::9", v6, 2))
     assert address_full("2001:db8:1:3::10", v6, 2) is None  # another /64
+    viewers = str(address_full("203.0.113.7", held, 2, "viewer", "--max-viewers-per-address"))
+    assert "already holds 2 viewer(s)" in viewers and "(--max-viewers-per-address 2)" in viewers
     assert address_key("::ffff:203.0.113.7") == "203.0.113.7"
     assert "already holds 2 session(s)" in str(address_full("::ffff:203.0.113.7", held, 2))
 

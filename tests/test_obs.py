@@ -22,8 +22,9 @@ from stream.config import StreamConfig
 from stream.denoiser import StreamDenoiser
 from stream.models import load_model
 from stream.server import StreamServer
+from stream.server.limits import Limits
 from tests.conftest import pan_clip
-from tests.test_server import CONFIG, ClipTrack, running, until
+from tests.test_server import CONFIG, PEER, ClipTrack, running, until
 
 SIZE = (120, 160)  # (h, w) of what the encoder sends
 TOKEN = "obs-s3cret"
@@ -98,9 +99,10 @@ class WhepViewer:
         except MediaStreamError:
             self.ended.set()
 
-    async def play(self, url: str, path: str = "/whep") -> None:
+    async def play(self, url: str, path: str = "/whep", peer: str | None = None) -> None:
+        """Offer to watch at `path`; as if from the address `peer` (with running(..., peers=True))."""
         await self.pc.setLocalDescription(await self.pc.createOffer())
-        headers = {**AUTH, "Content-Type": "application/sdp"}
+        headers = {**AUTH, "Content-Type": "application/sdp", **({PEER: peer} if peer else {})}
         async with (
             aiohttp.ClientSession() as http,
             http.post(url + path, data=self.pc.localDescription.sdp, headers=headers) as r,
@@ -182,6 +184,53 @@ def test_obs_whip_in_whep_out_and_delete(tiny_factory: Callable[[StreamConfig], 
             for viewer in viewers:
                 await viewer.close()
             await obs.pc.close()
+
+    asyncio.run(main())
+
+
+def test_one_address_holds_at_most_max_viewers_per_address_viewers(
+    tiny_factory: Callable[[StreamConfig], StreamDenoiser],
+) -> None:
+    """One address cannot take every viewer place: past --max-viewers-per-address (2) it gets 429,
+    while another address and this machine still get in; ending one of its viewers lets it in again."""
+
+    async def main() -> None:
+        server = make_server(tiny_factory, max_viewers=8, limits=Limits(max_viewers_per_address=2))
+        async with running(server, peers=True) as url:
+            obs = ObsEncoder(pan_clip(20, SIZE, step=3))
+            await obs.publish(url)
+            path = f"/whep/{obs.session}"
+            mine = [WhepViewer(), WhepViewer()]
+            others = [WhepViewer(), WhepViewer(), WhepViewer()]
+            try:
+                for viewer in mine:
+                    await viewer.play(url, path, peer="203.0.113.7")
+                refused = WhepViewer()
+                others.append(refused)
+                await refused.pc.setLocalDescription(await refused.pc.createOffer())
+                headers = {**AUTH, "Content-Type": "application/sdp", PEER: "203.0.113.7"}
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.post(url + path, data=refused.pc.localDescription.sdp, headers=headers) as r,
+                ):
+                    body = await r.json()
+                    assert r.status == 429 and r.headers["Access-Control-Allow-Origin"] == "*"
+                    assert "already holds 2 viewer(s)" in body["error"], body
+                    assert "--max-viewers-per-address 2" in body["error"]
+                await others[0].play(url, path, peer="198.51.100.9")  # another address is not refused
+                await others[1].play(url, path)  # nor is this machine (127.0.0.1)
+                assert len(server.viewers) == 4
+                async with (
+                    aiohttp.ClientSession() as http,
+                    http.delete(url + mine[0].location, headers={**AUTH, PEER: "203.0.113.7"}) as r,
+                ):
+                    assert r.status == 200
+                await others[2].play(url, path, peer="203.0.113.7")  # its place is free again
+                await others[2].wait_frames(2)
+            finally:
+                for viewer in (*mine, *others):
+                    await viewer.close()
+                await obs.pc.close()
 
     asyncio.run(main())
 

@@ -141,9 +141,10 @@ def holder(front: ClusterFront, session: str) -> WorkerView | web.Response:
 
 
 async def forward(
-    front: ClusterFront, request: web.Request, session: str, path: str | None = None
+    front: ClusterFront, request: web.Request, session: str, path: str | None = None, peer: bool = False
 ) -> web.Response:
-    """The request, to the worker that holds `session` (at `path`, when given), and its answer back."""
+    """The request, to the worker that holds `session` (at `path`, when given), and its answer back;
+    with `peer`, naming the peer's address to the worker (which caps its viewers by it)."""
     worker = holder(front, session)
     if isinstance(worker, web.Response):
         return worker
@@ -151,7 +152,13 @@ async def forward(
     query = request.rel_url.raw_query_string
     try:
         status, headers, data = await front.pool.relay(
-            worker, request.method, path or request.path, query, request.content_type, body
+            worker,
+            request.method,
+            path or request.path,
+            query,
+            request.content_type,
+            body,
+            peer_address(front, request) if peer else None,
         )
     except WorkerLost as exc:
         return error(503, f"session {session!r} is not reachable: {exc}", cors=True)
@@ -168,7 +175,7 @@ async def whep(front: ClusterFront, request: web.Request) -> web.Response:
     if session is None:
         return error(404, "no session is running yet: start one in the page or send with WHIP", cors=True)
     if "session" not in request.match_info:  # the worker's own `POST /whep` plays its newest, not ours
-        return await forward(front, request, session, f"/whep/{session}")
+        return await forward(front, request, session, f"/whep/{session}", peer=True)
     if not may_watch(front, request, session):
         return error(
             401,
@@ -176,7 +183,7 @@ async def whep(front: ClusterFront, request: web.Request) -> web.Response:
             "token: send 'Authorization: Bearer <key>' or add ?key=<key>",
             cors=True,
         )
-    return await forward(front, request, session)
+    return await forward(front, request, session, peer=True)
 
 
 async def whep_delete(front: ClusterFront, request: web.Request) -> web.Response:

@@ -1,6 +1,6 @@
-"""What one peer may cost the server: sessions one address holds, text lengths, prompt re-encodes, frame
-sizes, media sections, request reading time, connecting time. Each limit is a `stream serve` flag
-(stream/serve_args.py)."""
+"""What one peer may cost the server: sessions and viewers one address holds, text lengths, prompt
+re-encodes, frame sizes, media sections, request reading time, connecting time. Each limit is a
+`stream serve` flag (stream/serve_args.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ MAX_MEDIA_SECTIONS = 4  # m= lines in one offer: a browser sends video, audio an
 @dataclass(frozen=True)
 class Limits:
     max_per_address: int = 2  # sessions one network address may hold at once (0: no cap; loopback: none)
+    max_viewers_per_address: int = 4  # WHEP viewers one address may hold at once (the same rules)
     max_prompt_chars: int = 2000  # characters in a prompt or negative prompt
     prompt_interval: float = 0.25  # seconds between two prompt re-encodes of one session
     max_input_side: int = 1920  # pixels: a session sending larger frames is closed
@@ -36,10 +37,11 @@ class Limits:
                 raise ConfigError(
                     f"--trusted-proxy takes IP addresses or networks ({example}), got {proxy!r}"
                 ) from None
-        if not (isinstance(self.max_per_address, int) and self.max_per_address >= 0):
-            raise ConfigError(
-                f"--max-per-address must be a whole number >= 0 (0: no cap), got {self.max_per_address!r}"
-            )
+        for name in ("max_per_address", "max_viewers_per_address"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+                flag = "--" + name.replace("_", "-")
+                raise ConfigError(f"{flag} must be a whole number >= 0 (0: no cap), got {value!r}")
         for name in ("max_prompt_chars", "max_input_side", "max_output_side", "max_reading"):
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 1):
@@ -114,10 +116,16 @@ def address_key(address: str | None) -> str | None:
     return str(ip)
 
 
-def address_full(address: str | None, held: Iterable[str | None], cap: int) -> str | None:
-    """Why `address` may not start another session when it already holds those in `held` (the
-    addresses of the running sessions), or None when it may. `cap` 0 is no cap. Addresses count by
-    `address_key`."""
+def address_full(
+    address: str | None,
+    held: Iterable[str | None],
+    cap: int,
+    what: str = "session",
+    flag: str = "--max-per-address",
+) -> str | None:
+    """Why `address` may not start another session (or `what`) when it already holds those in `held`
+    (the addresses of the running ones), or None when it may. `cap` 0 is no cap (set by `flag`).
+    Addresses count by `address_key`."""
     key = address_key(address)
     if cap <= 0 or key is None or is_loopback(address):
         return None
@@ -125,6 +133,6 @@ def address_full(address: str | None, held: Iterable[str | None], cap: int) -> s
     if count < cap:
         return None
     return (
-        f"this address already holds {count} session(s), the most one address may hold at once "
-        f"(--max-per-address {cap}); close one first"
+        f"this address already holds {count} {what}(s), the most one address may hold at once "
+        f"({flag} {cap}); close one first"
     )

@@ -199,6 +199,7 @@ class Viewer:
     track: MediaStreamTrack
     closed: bool = False
     answered: float = float("inf")  # time.monotonic() when its answer went out
+    address: str | None = None  # the peer's network address (the per-address cap counts by it)
 
 
 class ProcessedTrack(MediaStreamTrack):

@@ -232,8 +232,15 @@ async def whep(server: StreamServer, request: web.Request) -> web.Response:
         return error(400, problem, cors=True)
     if len(server.viewers) >= server.max_viewers:
         return error(503, f"too many viewers: {server.max_viewers} at once; try again later", cors=True)
+    address = peer_address(server, request)
+    held = (other.address for other in server.viewers.values())
+    cap = server.limits.max_viewers_per_address
+    crowded = address_full(address, held, cap, "viewer", "--max-viewers-per-address")
+    if crowded is not None:
+        logger.info("viewer of session %s from %s refused: %s", session.id, address, crowded)
+        return error(429, crowded, cors=True)
     pc = RTCPeerConnection(RTCConfiguration(iceServers=server.ice_servers))
-    viewer = Viewer(secrets.token_urlsafe(8), session, pc, server.output_track(session))
+    viewer = Viewer(secrets.token_urlsafe(8), session, pc, server.output_track(session), address=address)
     server.viewers[viewer.id] = viewer
     session.viewers[viewer.id] = viewer
 
