@@ -33,9 +33,8 @@ class FrameResult:
     frame: np.ndarray  # HxWx3 uint8 RGB, the input's size
     timings: dict[str, float]  # ms per stage (STAGES), each step's UNet call (unet_1, ...), and "total"
     skipped: bool = False  # the similarity filter returned the previous output
-    image: torch.Tensor | None = (
-        None  # the output canvas (1, 3, H, W) in [0, 1] (image feedback in), before uint8
-    )
+    # the output canvas (1, 3, H, W) in [0, 1] (with image feedback blended in), before uint8
+    image: torch.Tensor | None = None
     # Stream Batch: no frame left the pipeline on this call (its first k-1 calls, a frame the similarity
     # filter skipped, or an out-of-order one dropped); `frame` is EMPTY and nothing should be shown
     pending: bool = False
