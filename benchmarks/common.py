@@ -136,12 +136,18 @@ def add_vae_argument(parser: argparse.ArgumentParser) -> None:
 
 def stream_config(args: argparse.Namespace, **changes: Any) -> Any:
     """A validated StreamConfig from the common flags; a bad value becomes a UsageError."""
-    from stream.config import ConfigError, StreamConfig
-
     if args.frames < 1:
         raise UsageError(f"--frames must be at least 1, got {args.frames}")
     if args.warmup < 0:
         raise UsageError(f"--warmup must be 0 or more, got {args.warmup}")
+    return model_config(args, guidance_scale=args.guidance, negative_prompt=args.negative_prompt, **changes)
+
+
+def model_config(args: argparse.Namespace, **changes: Any) -> Any:
+    """A validated StreamConfig from the flags of the model and its stream that every benchmark takes
+    (model, device, dtype, size, steps, strength, prompt, seed); a bad value becomes a UsageError."""
+    from stream.config import ConfigError, StreamConfig
+
     try:
         return StreamConfig(
             model=args.model,
@@ -151,9 +157,7 @@ def stream_config(args: argparse.Namespace, **changes: Any) -> Any:
             height=args.height,
             steps=args.steps,
             strength=args.strength,
-            guidance_scale=args.guidance,
             prompt=args.prompt,
-            negative_prompt=args.negative_prompt,
             seed=args.seed,
             **changes,
         )

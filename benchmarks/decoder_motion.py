@@ -50,6 +50,7 @@ from benchmarks.common import (
     add_vae_argument,
     command_line,
     environment,
+    model_config,
     model_note,
     photo_clip,
     usage_error,
@@ -274,25 +275,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def load(args: argparse.Namespace) -> Any:
     """The stream (no feedback, fixed noise) over the model; bad settings become a UsageError."""
-    from stream.config import ConfigError, StreamConfig
+    from stream.config import ConfigError
     from stream.denoiser import StreamDenoiser
     from stream.models import ModelError, load_model
 
+    config = model_config(args, vae=args.vae, latent_feedback=0.0, cuda_graphs="off")
     try:
-        config = StreamConfig(
-            model=args.model,
-            vae=args.vae,
-            device=args.device,
-            dtype=args.dtype,
-            width=args.width,
-            height=args.height,
-            steps=args.steps,
-            strength=args.strength,
-            prompt=args.prompt,
-            seed=args.seed,
-            latent_feedback=0.0,
-            cuda_graphs="off",
-        )
         return StreamDenoiser(load_model(config), config)
     except (ModelError, ConfigError) as exc:
         raise UsageError(str(exc)) from exc
