@@ -53,6 +53,12 @@ LIMIT_FLAGS: list[tuple[str, type, str]] = [
         "WHEP viewers (OBS browser sources, /view pages) one network address may hold at once; more get "
         "429 (0: no cap). Peers on this machine are not capped",
     ),
+    (
+        "max_connections_per_address",
+        int,
+        "open HTTP connections one network address may hold at once; more get 429 and are closed (0: no "
+        "cap). Peers on this machine and trusted proxies are not capped",
+    ),
     ("max_prompt_chars", int, "characters a prompt or negative prompt may have; longer ones are refused"),
     (
         "prompt_interval",

@@ -737,6 +737,7 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
         ("--connect-timeout", "10.0"),
         ("--max-per-address", "2"),
         ("--max-viewers-per-address", "4"),
+        ("--max-connections-per-address", "100"),
         ("--trusted-proxy", "none, every peer is the address it connects from"),
     ]:
         assert flag in text and f"(default: {default})" in text.split(flag, 2)[-1][:400], flag
@@ -754,6 +755,74 @@ def test_limits_are_flags_with_their_defaults_and_checked(capsys: pytest.Capture
         assert main(["serve", "--model", "tiny", *bad]) == 2
         err = capsys.readouterr().err
         assert words in err and "Traceback" not in err, err
+
+
+class FakeTransport:
+    """What the reading guard sees of a new connection from `peer`: its address, what it is sent."""
+
+    def __init__(self, peer: str) -> None:
+        self.peer, self.sent, self.closed = peer, b"", False
+
+    def get_extra_info(self, name: str) -> Any:
+        return (self.peer, 40000) if name == "peername" else None
+
+    def write(self, data: bytes) -> None:
+        self.sent += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_one_address_holds_at_most_max_connections_per_address_connections() -> None:
+    """Past --max-connections-per-address (3) a new connection from that address gets 429 and is
+    closed; other addresses, the same IPv6 /64, this machine and a trusted proxy are counted apart or
+    not at all; a closed connection frees its place."""
+    from stream.server.limits import Limits
+    from stream.server.listen import ReadingGuard
+
+    class Handler:
+        transport: Any = None
+
+    async def main() -> None:
+        limits = Limits(max_connections_per_address=3, max_reading=1000, trusted_proxies=("10.0.0.5",))
+        guard = ReadingGuard(Handler, limits)  # type: ignore[arg-type]
+
+        def connect(peer: str) -> Any:
+            handler = Handler()
+            handler.transport = FakeTransport(peer)
+            guard._admit(handler, 0)  # type: ignore[arg-type]
+            return handler
+
+        mine = [connect("203.0.113.7") for _ in range(3)]
+        refused = connect("203.0.113.7").transport
+        assert refused.closed and refused.sent.startswith(b"HTTP/1.1 429 Too Many Requests\r\n")
+        body = json.loads(refused.sent.split(b"\r\n\r\n", 1)[1])
+        assert "already holds 3 open connections" in body["error"]
+        assert "--max-connections-per-address 3" in body["error"]
+        assert not any(h.transport.closed for h in mine)
+        assert not connect("198.51.100.9").transport.closed  # another address
+        for peer in ("127.0.0.1", "::1", "10.0.0.5"):  # this machine and the trusted proxy: no cap
+            assert not any(connect(peer).transport.closed for _ in range(5)), peer
+        v6 = [connect(f"2001:db8:1:2::{i}") for i in range(1, 4)]  # one /64: one address
+        assert not any(h.transport.closed for h in v6) and connect("2001:db8:1:2::ff").transport.closed
+        mine[0].transport = None  # closed (aiohttp forgets the transport)
+        assert not connect("203.0.113.7").transport.closed
+        assert guard.crowded == 2
+        gone = [connect(f"192.0.2.{i}") for i in range(4)]
+        for handler in gone:
+            handler.transport = None
+        guard.prune_at = 2  # past this many addresses, those with no open connection are forgotten
+        connect("192.0.2.99")
+        assert "192.0.2.99" in guard.open and not any(f"192.0.2.{i}" in guard.open for i in range(4))
+        assert "203.0.113.7" in guard.open and guard.prune_at == 1024
+        unlimited = ReadingGuard(Handler, Limits(max_connections_per_address=0, max_reading=1000))  # type: ignore[arg-type]
+        guard = unlimited
+        assert not any(connect("203.0.113.7").transport.closed for _ in range(10))
+
+    asyncio.run(main())
 
 
 def test_which_addresses_the_per_address_cap_counts() -> None:

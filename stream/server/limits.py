@@ -1,5 +1,5 @@
-"""What one peer may cost the server: sessions and viewers one address holds, text lengths, prompt
-re-encodes, frame sizes, media sections, request reading time, connecting time. Each limit is a
+"""What one peer may cost the server: sessions, viewers and connections one address holds, text lengths,
+prompt re-encodes, frame sizes, media sections, request reading time, connecting time. Each limit is a
 `stream serve` flag (stream/serve_args.py)."""
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ MAX_MEDIA_SECTIONS = 4  # m= lines in one offer: a browser sends video, audio an
 class Limits:
     max_per_address: int = 2  # sessions one network address may hold at once (0: no cap; loopback: none)
     max_viewers_per_address: int = 4  # WHEP viewers one address may hold at once (the same rules)
+    max_connections_per_address: int = 100  # open connections one address may hold (trusted proxies: none)
     max_prompt_chars: int = 2000  # characters in a prompt or negative prompt
     prompt_interval: float = 0.25  # seconds between two prompt re-encodes of one session
     max_input_side: int = 1920  # pixels: a session sending larger frames is closed
@@ -37,7 +38,7 @@ class Limits:
                 raise ConfigError(
                     f"--trusted-proxy takes IP addresses or networks ({example}), got {proxy!r}"
                 ) from None
-        for name in ("max_per_address", "max_viewers_per_address"):
+        for name in ("max_per_address", "max_viewers_per_address", "max_connections_per_address"):
             value = getattr(self, name)
             if not (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
                 flag = "--" + name.replace("_", "-")
@@ -61,21 +62,23 @@ class Limits:
         """The peer's address: `remote` (the connection's), or, when that is a trusted proxy, the
         nearest address in its X-Forwarded-For headers (`forwarded_for`, in order) that is not one of
         the trusted proxies (the ones before it could have been written by the peer itself)."""
-        networks = [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
-
-        def trusted(ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None) -> bool:
-            return ip is not None and any(ip in n for n in networks)
-
-        if not trusted(_ip(remote)):
+        if not self.is_proxy(remote):
             return remote
         hops = [h.strip() for header in forwarded_for for h in header.split(",") if h.strip()]
         ips = [_ip(h) for h in hops]
         for ip in reversed(ips):
             if ip is None:  # not an address: the chain cannot be followed past it
                 return remote
-            if not trusted(ip):
+            if not self.is_proxy(str(ip)):
                 return str(ip)
         return str(ips[0]) if ips else remote  # every hop trusted: the first one is the peer
+
+    def is_proxy(self, address: str | None) -> bool:
+        """Whether `address` is one of the trusted proxies (`--trusted-proxy`)."""
+        ip = _ip(address)
+        return ip is not None and any(
+            ip in ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies
+        )
 
 
 def fit_side(width: int, height: int, side: int) -> tuple[int, int]:
