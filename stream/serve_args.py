@@ -56,8 +56,8 @@ LIMIT_FLAGS: list[tuple[str, type, str]] = [
     (
         "max_connections_per_address",
         int,
-        "open HTTP connections one network address may hold at once; more get 429 and are closed (0: no "
-        "cap). Peers on this machine and trusted proxies are not capped",
+        "open HTTP connections one network address may hold at once; a connection past it gets 429 to its "
+        "first request and is closed (0: no cap). Peers on this machine and trusted proxies are not capped",
     ),
     ("max_prompt_chars", int, "characters a prompt or negative prompt may have; longer ones are refused"),
     (
@@ -74,7 +74,12 @@ LIMIT_FLAGS: list[tuple[str, type, str]] = [
         "the model size); the restyled video comes back at that size",
     ),
     ("read_timeout", float, "seconds a client has to send a whole request; then 408"),
-    ("max_reading", int, "connections at once that have not sent a whole request yet; more are closed"),
+    (
+        "max_reading",
+        int,
+        "connections at once that have not sent a whole request yet; more are closed (one address, "
+        "capped as by --max-connections-per-address, may hold a quarter of them)",
+    ),
     ("connect_timeout", float, "seconds a new session has to connect; then its place is freed"),
 ]
 

@@ -261,6 +261,20 @@ def test_whip_in_and_whep_out_on_the_second_worker(workers: Any) -> None:
                     for place in places:
                         async with http.delete(url + place) as r:
                             assert r.status == 200
+                    # by session id too (its page's key), and the peer's own X-Forwarded-For is not believed
+                    places = []
+                    for i in range(Limits().max_viewers_per_address + 1):
+                        spoofed = {**peer, "X-Forwarded-For": f"192.0.2.{i}"}
+                        async with http.post(key, data=sdp, headers=spoofed) as r:
+                            body = await r.text()
+                            if i < Limits().max_viewers_per_address:
+                                assert r.status == 201, body
+                                places.append(r.headers["Location"])
+                            else:
+                                assert r.status == 429 and "--max-viewers-per-address" in body, body
+                    for place in places:
+                        async with http.delete(f"{url}{place}?key={browser.view_key}") as r:
+                            assert r.status == 200
                     # the WHIP session (no view key) is the newest: `POST /whep` plays it
                     async with http.post(f"{url}/whep", data=sdp, headers=headers) as r:
                         assert r.status == 201, await r.text()

@@ -5,6 +5,7 @@ prompt re-encodes, frame sizes, media sections, request reading time, connecting
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import math
 from collections.abc import Iterable, Sequence
@@ -76,9 +77,11 @@ class Limits:
     def is_proxy(self, address: str | None) -> bool:
         """Whether `address` is one of the trusted proxies (`--trusted-proxy`)."""
         ip = _ip(address)
-        return ip is not None and any(
-            ip in ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies
-        )
+        return ip is not None and any(ip in n for n in self._proxy_networks)
+
+    @functools.cached_property
+    def _proxy_networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(p, strict=False) for p in self.trusted_proxies]
 
 
 def fit_side(width: int, height: int, side: int) -> tuple[int, int]:

@@ -1,9 +1,10 @@
 """Listening with a bound on slow clients: a request must arrive whole within `read_timeout` (else 408
 and the connection is closed, whether its headers or its body did not come), at most `max_reading`
-connections at once may be still sending their first request (more are closed at once), and one
-network address may hold at most `max_connections_per_address` open connections (more get 429 and are
-closed; this machine and trusted proxies are not capped). `serve` runs the app on given sockets until
-Ctrl-C or SIGTERM, as aiohttp's `run_app` does."""
+connections at once may be still sending their first request (more are closed at once; one network
+address may hold a quarter of these places), and one address may hold at most
+`max_connections_per_address` open connections (a connection past it gets 429 to its first request and
+is closed). This machine and trusted proxies are not held to the per-address bounds. `serve` runs the
+app on given sockets until Ctrl-C or SIGTERM, as aiohttp's `run_app` does."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import contextlib
 import json
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -25,22 +27,26 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+READING_SHARE = 4  # one capped address may hold at most 1/READING_SHARE of --max-reading's places
+
 
 class ReadingGuard:
     """The protocol factory in front of aiohttp's: counts connections that have not yet sent a whole
-    request, and closes new ones beyond `limit`; counts each address's open connections, and refuses
-    new ones beyond its cap. `read(request)` reads a body within the time left."""
+    request, and closes new ones beyond `limit` (or beyond an address's share of it); counts each
+    address's open connections, and answers a new one beyond its cap with 429. `read(request)` reads a
+    body within the time left."""
 
     def __init__(self, server: Callable[[], RequestHandler], limits: Limits) -> None:
         self.server = server
         self.limits = limits
         self.limit = limits.max_reading
+        self.share = max(1, limits.max_reading // READING_SHARE)  # of `limit`, for one address
         self.timeout = limits.read_timeout
         self.reading: set[RequestHandler] = set()
+        self.keys: dict[RequestHandler, str] = {}  # a capped address's connections in `reading`: its key
+        self.over_cap: set[RequestHandler] = set()  # answered 429 on their first request
+        self.addresses = AddressConnections(limits.max_connections_per_address, limits.read_timeout)
         self.refused = 0
-        self.open: dict[str, set[RequestHandler]] = {}  # address_key -> its open connections
-        self.prune_at = 1024  # forget addresses whose connections have all closed when there are more
-        self.crowded = 0  # connections refused for their address's cap
 
     def __call__(self) -> RequestHandler:
         handler = self.server()
@@ -48,64 +54,55 @@ class ReadingGuard:
         return handler
 
     def _admit(self, handler: RequestHandler, tries: int) -> None:
-        if handler.transport is None:  # its connection_made has not run yet (it is scheduled too)
+        transport = handler.transport
+        if transport is None:  # its connection_made has not run yet (it is scheduled too)
             if tries > 0:
                 asyncio.get_running_loop().call_soon(self._admit, handler, tries - 1)
             return
-        if not self._room_for(handler):
-            return
         self.reading = {h for h in self.reading if h.transport is not None}  # drop closed ones
+        self.keys = {h: k for h, k in self.keys.items() if h in self.reading}
+        key = self._capped_key(transport)
+        if key is not None and sum(1 for k in self.keys.values() if k == key) >= self.share:
+            why = f"{key} already has {self.share} connections still sending their first request (a "
+            self._close(transport, why + f"1/{READING_SHARE} of --max-reading's places)")
+            return
         if len(self.reading) >= self.limit:
-            self.refused += 1
-            if self.refused == 1 or self.refused % 100 == 0:
-                logger.warning(
-                    "closed a connection: %d connections are still sending their request (--max-reading); "
-                    "%d closed so far",
-                    len(self.reading),
-                    self.refused,
-                )
-            handler.transport.close()
+            why = f"{len(self.reading)} connections are still sending their first request (--max-reading)"
+            self._close(transport, why)
             return
         self.reading.add(handler)
+        if key is not None:
+            self.keys[handler] = key
+            if not self.addresses.add(key, transport):
+                self.over_cap.add(handler)
         asyncio.get_running_loop().call_later(self.timeout, self._expire, handler)
 
-    def _room_for(self, handler: RequestHandler) -> bool:
-        """Whether the new connection's address holds fewer open connections than its cap; if not, it
-        gets 429 and is closed. This machine and trusted proxies (many peers behind one) are not capped."""
-        cap, transport = self.limits.max_connections_per_address, handler.transport
-        assert transport is not None
+    def _capped_key(self, transport: asyncio.BaseTransport) -> str | None:
+        """The per-address caps' key of the connection's peer; None when it is not capped (no caps, this
+        machine, a trusted proxy with many peers behind it, or no IP address)."""
         peer = transport.get_extra_info("peername")
         address = peer[0] if isinstance(peer, (tuple, list)) and peer else None
-        if cap <= 0 or address is None or is_loopback(address) or self.limits.is_proxy(address):
-            return True
-        key = address_key(address) or address
-        if len(self.open) > self.prune_at:  # amortized: the next pruning waits for twice as many
-            self.open = {k: v for k, v in self.open.items() if any(h.transport is not None for h in v)}
-            self.prune_at = max(1024, 2 * len(self.open))
-        held = {h for h in self.open.get(key, ()) if h.transport is not None}
-        if len(held) >= cap:
-            self.crowded += 1
-            if self.crowded == 1 or self.crowded % 100 == 0:
-                logger.warning(
-                    "refused a connection from %s: it holds %d open connections (--max-connections-per-"
-                    "address); %d refused so far",
-                    address,
-                    len(held),
-                    self.crowded,
-                )
-            _refuse(
-                transport,
-                "429 Too Many Requests",
-                f"this address already holds {len(held)} open connections, the most one address may hold "
-                f"(--max-connections-per-address {cap}); close some first",
-            )
-            return False
-        self.open[key] = held | {handler}
-        return True
+        if (
+            self.addresses.cap <= 0
+            or address is None
+            or is_loopback(address)
+            or self.limits.is_proxy(address)
+        ):
+            return None
+        return address_key(address)
+
+    def _close(self, transport: asyncio.BaseTransport, why: str) -> None:
+        """Close a new connection at once: too many are still sending their first request."""
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:
+            logger.warning("closed a new connection: %s; %d closed so far", why, self.refused)
+        transport.close()
 
     def _expire(self, handler: RequestHandler) -> None:
         """A connection whose first request's headers have not all come within the time: 408, closed.
         (One whose headers came has left `reading`: its body, if late, gets its 408 from `read`.)"""
+        self.over_cap.discard(handler)
+        self.keys.pop(handler, None)
         transport = handler.transport
         if handler not in self.reading or transport is None or transport.is_closing():
             return
@@ -117,21 +114,93 @@ class ReadingGuard:
         )
 
     async def read(self, request: web.Request) -> web.Response | None:
-        """Read the request's body within the time (an error response when it does not come)."""
+        """Read the request's body within the time (an error response when it does not come); a 429 to
+        the first request of a connection over its address's cap."""
+        protocol: Any = request.protocol
+        if protocol in self.over_cap:
+            self.over_cap.discard(protocol)
+            self.reading.discard(protocol)
+            cap = self.addresses.cap
+            return _closing_json(
+                429,
+                f"this address already holds {cap} open connections, the most one address may hold "
+                f"(--max-connections-per-address {cap}); close some first",
+            )
         try:
             if request.body_exists:
                 await asyncio.wait_for(request.read(), self.timeout)
         except asyncio.TimeoutError:
-            response = web.json_response(
-                {"error": f"the request was not sent whole within {self.timeout:g} s"},
-                status=408,
-                headers={"X-Content-Type-Options": "nosniff"},
-            )
-            response.force_close()
-            return response
+            return _closing_json(408, f"the request was not sent whole within {self.timeout:g} s")
         finally:
-            self.reading.discard(request.protocol)  # type: ignore[arg-type]
+            self.reading.discard(protocol)
         return None
+
+
+class AddressConnections:
+    """Each capped address's open connections, by their asyncio transports (aiohttp forgets a
+    connection's transport when it starts closing it, though a peer that does not read can keep it
+    flushing, and open, for ever: such a one counts until it is gone, and is aborted once it has been
+    closing for `linger` seconds)."""
+
+    def __init__(self, cap: int, linger: float) -> None:
+        self.cap = cap
+        self.linger = linger
+        self.open: dict[str, set[asyncio.BaseTransport]] = {}
+        self.closing: dict[asyncio.BaseTransport, float] = {}  # when each was first seen still flushing
+        self.prune_at = 1024  # forget addresses with no open connection when there are more than this
+        self.crowded = 0  # connections over their address's cap
+
+    def add(self, key: str, transport: asyncio.BaseTransport) -> bool:
+        """Count a new connection of the address `key`; False (not counted) when it holds `cap` already."""
+        if len(self.open) > self.prune_at:  # amortized: the next pruning waits for twice as many
+            self.open = {k: held for k, v in self.open.items() if (held := self._held(v))}
+            self.closing = {t: since for t, since in self.closing.items() if not _gone(t)}
+            self.prune_at = max(1024, 2 * len(self.open))
+        held = self._held(self.open.get(key, set()))
+        if len(held) >= self.cap:
+            self.open[key] = held
+            self.crowded += 1
+            if self.crowded == 1 or self.crowded % 100 == 0:
+                logger.warning(
+                    "a connection from %s is over --max-connections-per-address (%d open): it gets 429; "
+                    "%d so far",
+                    key,
+                    len(held),
+                    self.crowded,
+                )
+            return False
+        self.open[key] = held | {transport}
+        return True
+
+    def _held(self, transports: set[asyncio.BaseTransport]) -> set[asyncio.BaseTransport]:
+        """Those still open: closed ones dropped, ones flushing for longer than `linger` aborted."""
+        now = time.monotonic()
+        held = set()
+        for transport in transports:
+            if _gone(transport):
+                self.closing.pop(transport, None)
+            elif transport.is_closing() and now - self.closing.setdefault(transport, now) > self.linger:
+                self.closing.pop(transport, None)
+                if isinstance(transport, asyncio.WriteTransport):
+                    transport.abort()
+            else:
+                held.add(transport)
+        return held
+
+
+def _gone(transport: asyncio.BaseTransport) -> bool:
+    """Closed, or closing with nothing left to send."""
+    if not transport.is_closing():
+        return False
+    return not isinstance(transport, asyncio.WriteTransport) or transport.get_write_buffer_size() == 0
+
+
+def _closing_json(status: int, error: str) -> web.Response:
+    response = web.json_response(
+        {"error": error}, status=status, headers={"X-Content-Type-Options": "nosniff"}
+    )
+    response.force_close()
+    return response
 
 
 def _refuse(transport: asyncio.Transport, status: str, error: str) -> None:
