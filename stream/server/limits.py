@@ -138,7 +138,12 @@ def address_full(
     count = sum(1 for other in held if address_key(other) == key)
     if count < cap:
         return None
+    return over_cap(f"{count} {what}(s)", flag, cap)
+
+
+def over_cap(held: str, flag: str, cap: int) -> str:
+    """Why an address may not have one more of what it `held` ("2 session(s)"): the cap `flag` sets."""
     return (
-        f"this address already holds {count} {what}(s), the most one address may hold at once "
-        f"({flag} {cap}); close one first"
+        f"this address already holds {held}, the most one address may hold at once ({flag} {cap}); "
+        "close one first"
     )

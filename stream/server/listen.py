@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from stream.server.limits import Limits, address_key, is_loopback
+from stream.server.limits import Limits, address_key, is_loopback, over_cap
 
 if TYPE_CHECKING:
     from stream.server.app import StreamServer
@@ -122,9 +122,7 @@ class ReadingGuard:
             self.reading.discard(protocol)
             cap = self.addresses.cap
             return _closing_json(
-                429,
-                f"this address already holds {cap} open connections, the most one address may hold "
-                f"(--max-connections-per-address {cap}); close some first",
+                429, over_cap(f"{cap} open connections", "--max-connections-per-address", cap)
             )
         try:
             if request.body_exists:
